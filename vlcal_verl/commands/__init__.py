@@ -1,0 +1,1 @@
+"""Subcommands of the ``vlcal`` console script (see ``vlcal_verl.cli``)."""
