@@ -1,0 +1,350 @@
+"""The output protocol the policy writes, its prompt, and a parser that never raises.
+
+Decoupled protocol (DESIGN.md §1)::
+
+    <think><vision> z_vis </vision><reasoning> z_reas </reasoning></think>
+    \\boxed{answer}
+    <analysis> ... </analysis>
+    <confidence><vision_confidence>c_v</vision_confidence><reasoning_confidence>c_r</reasoning_confidence></confidence>
+
+The RLCR baseline drops the vision/reasoning split and writes one ``<confidence>c</confidence>``.
+
+Why a hand-written scanner instead of one big regex: a pattern of fifteen ``.*?`` segments backtracks
+polynomially (or worse) on adversarial rollouts with many repeated tags, and a reward function must stay
+linear in the response length. Tags are found once (whitespace around ``<``, ``/`` and ``>`` tolerated,
+ASCII whitespace only, so that :mod:`vlcal_verl.spans` finds the very same tags on token bytes), then the
+structure is matched left to right taking the earliest occurrence of each element — which is exactly the
+match a lazy regex would find, without the backtracking.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+Protocol = Literal["decoupled", "rlcr"]
+PROTOCOLS: tuple[str, ...] = ("decoupled", "rlcr")
+
+WS = "[ \t\n\r\f\v]*"  # ASCII whitespace only: the same bytes regex works on token bytes (spans.py)
+_TAG_NAMES = (
+    "vision_confidence",
+    "reasoning_confidence",
+    "confidence",
+    "vision",
+    "reasoning",
+    "analysis",
+    "think",
+)
+_TAG_RE = re.compile(f"<{WS}(/?){WS}({'|'.join(_TAG_NAMES)}){WS}>")
+VISION_OPEN_RE = re.compile(f"<{WS}vision{WS}>")
+VISION_CLOSE_RE = re.compile(f"<{WS}/{WS}vision{WS}>")
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)\{")
+_NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)", re.ASCII)
+MAX_CONFIDENCE = 10.0
+
+DECOUPLED_INSTRUCTIONS = """\
+First think the problem through, then answer, then say how sure you are.
+
+1. Put your thinking inside <think> </think>. Inside it, write two parts in this order:
+   <vision> what you see in the image that matters for the question </vision>
+   <reasoning> your step-by-step deduction from what you saw </reasoning>
+2. After </think>, write the final answer inside \\boxed{}.
+3. Then write <analysis> </analysis>: why your perception and your reasoning are reliable or not.
+4. Finally write two confidence scores, each an integer from 0 to 10 (0 = certainly wrong, \
+10 = certainly right), exactly like this:
+<confidence><vision_confidence>N</vision_confidence><reasoning_confidence>M</reasoning_confidence></confidence>
+vision_confidence rates how sure you are that you read the image correctly; reasoning_confidence rates \
+how sure you are that your reasoning from it is correct.
+
+Use this exact layout:
+<think><vision>...</vision><reasoning>...</reasoning></think>
+\\boxed{...}
+<analysis>...</analysis>
+<confidence><vision_confidence>N</vision_confidence><reasoning_confidence>M</reasoning_confidence></confidence>"""
+
+RLCR_INSTRUCTIONS = """\
+First think the problem through, then answer, then say how sure you are.
+
+1. Put your thinking inside <think> </think>.
+2. After </think>, write the final answer inside \\boxed{}.
+3. Then write <analysis> </analysis>: why your answer is reliable or not.
+4. Finally write one confidence score, an integer from 0 to 10 (0 = certainly wrong, \
+10 = certainly right), as <confidence>N</confidence>.
+
+Use this exact layout:
+<think>...</think>
+\\boxed{...}
+<analysis>...</analysis>
+<confidence>N</confidence>"""
+
+
+def build_prompt(question: str, protocol: str = "decoupled") -> str:
+    """Return the user-turn text: the question followed by the protocol's instructions.
+
+    >>> build_prompt("How many dogs?").startswith("How many dogs?\\n\\nFirst think")
+    True
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if not isinstance(question, str):
+        raise TypeError(f"question must be a str, got {type(question).__name__}")
+    body = DECOUPLED_INSTRUCTIONS if protocol == "decoupled" else RLCR_INSTRUCTIONS
+    return f"{question.strip()}\n\n{body}"
+
+
+@dataclass(frozen=True)
+class ParsedResponse:
+    """What a response says under a protocol. Confidences are normalised to [0, 1] (c/10).
+
+    ``format_ok`` is F: the full structure is present in order and every confidence is in [0, 10].
+    ``parse_ok``: every confidence of the protocol was read (c_v and c_r, or the single RLCR one).
+    ``failure`` says why F is 0 (None when F is 1). ``confidence`` is Φ(c_v, c_r) for the decoupled
+    protocol, the single confidence for RLCR, None when ``parse_ok`` is False.
+    """
+
+    protocol: str
+    format_ok: bool
+    parse_ok: bool
+    failure: str | None
+    vision: str | None
+    reasoning: str | None
+    answer: str | None
+    analysis: str | None
+    vision_confidence: float | None
+    reasoning_confidence: float | None
+    confidence: float | None
+
+
+def overall_confidence(c_v: float, c_r: float) -> float:
+    """Φ(c_v, c_r) = 2·c_v·c_r / (c_v + c_r), and 0 when either is 0 (harmonic mean).
+
+    >>> overall_confidence(0.8, 0.4)  # 2·0.32/1.2
+    0.5333333333333333
+    >>> overall_confidence(0.0, 0.9)
+    0.0
+    """
+    if c_v <= 0.0 or c_r <= 0.0:
+        return 0.0
+    return 2.0 * c_v * c_r / (c_v + c_r)
+
+
+def vision_char_span(text: str) -> tuple[int, int] | None:
+    """Character range [start, end) of z_vis: the text strictly between the first ``<vision>`` and the
+    first ``</vision>`` after it. None when there is no closed vision block.
+
+    >>> vision_char_span("<think><vision>a cat</vision>")
+    (15, 20)
+    """
+    if not isinstance(text, str):
+        return None
+    opening = VISION_OPEN_RE.search(text)
+    if opening is None:
+        return None
+    closing = VISION_CLOSE_RE.search(text, opening.end())
+    if closing is None:
+        return None
+    return opening.end(), closing.start()
+
+
+class _Tags:
+    """Positions of every protocol tag in a text, for earliest-after lookups in O(log n)."""
+
+    def __init__(self, text: str) -> None:
+        self.starts: dict[tuple[str, bool], list[int]] = {}
+        self.ends: dict[tuple[str, bool], list[int]] = {}
+        for m in _TAG_RE.finditer(text):
+            key = (m.group(2), m.group(1) == "/")
+            self.starts.setdefault(key, []).append(m.start())
+            self.ends.setdefault(key, []).append(m.end())
+
+    def find(self, name: str, closing: bool, pos: int) -> tuple[int, int] | None:
+        """(start, end) of the first ``<name>`` (or ``</name>``) starting at or after ``pos``."""
+        starts = self.starts.get((name, closing))
+        if not starts:
+            return None
+        i = bisect.bisect_left(starts, pos)
+        if i == len(starts):
+            return None
+        return starts[i], self.ends[(name, closing)][i]
+
+
+def _block(tags: _Tags, text: str, name: str, pos: int) -> tuple[str | None, int, int, int]:
+    """Content of the first ``<name>…</name>`` at or after pos → (content, open_start, close_end, miss).
+
+    ``miss`` is 0 when found, 1 when the opening tag is missing, 2 when the closing one is.
+    """
+    opening = tags.find(name, False, pos)
+    if opening is None:
+        return None, -1, -1, 1
+    closing = tags.find(name, True, opening[1])
+    if closing is None:
+        return None, opening[0], -1, 2
+    return text[opening[1] : closing[0]], opening[0], closing[1], 0
+
+
+def _read_confidence(raw: str | None, name: str) -> tuple[float | None, str | None]:
+    """A confidence in [0, 10] normalised to [0, 1], or (None, why)."""
+    if raw is None:
+        return None, f"missing <{name}>"
+    value = raw.strip()
+    if not _NUMBER_RE.fullmatch(value):
+        return None, f"{name} is not a number: {value[:40]!r}"
+    number = float(value)
+    if not (math.isfinite(number) and 0.0 <= number <= MAX_CONFIDENCE):
+        return None, f"{name} out of range [0, 10]: {value[:40]}"
+    return number / MAX_CONFIDENCE, None
+
+
+def _matching_braces(text: str) -> dict[int, int]:
+    """Map the index of each '{' to the index of its matching '}' (one linear pass)."""
+    stack: list[int] = []
+    match: dict[int, int] = {}
+    for i, ch in enumerate(text):
+        if ch == "{":
+            stack.append(i)
+        elif ch == "}" and stack:
+            match[stack.pop()] = i
+    return match
+
+
+def _boxes(text: str) -> list[tuple[int, int, int]]:
+    """(start, content_start, close) of every balanced ``\\boxed{…}`` / ``\\fbox{…}``, in order."""
+    if "\\boxed{" not in text and "\\fbox{" not in text:
+        return []
+    braces = _matching_braces(text)
+    out = []
+    for m in _BOX_RE.finditer(text):
+        close = braces.get(m.end() - 1)
+        if close is not None:
+            out.append((m.start(), m.end(), close))
+    return out
+
+
+def extract_answer(text: str) -> str | None:
+    """Content of the last balanced ``\\boxed{}`` (nested braces kept), stripped; None if there is none.
+
+    Local helper kept in step with ``vlcal_verl.grading.extract_boxed`` (see tests).
+    """
+    boxes = _boxes(text)
+    if not boxes:
+        return None
+    _, start, close = boxes[-1]
+    return text[start:close].strip()
+
+
+def _strip(s: str | None) -> str | None:
+    return None if s is None else s.strip()
+
+
+def _structure_failure(tags: _Tags, text: str, protocol: str, conf_start: int) -> str | None:
+    """First element of the protocol layout that is missing (in order), or None."""
+    pos = 0
+    think = tags.find("think", False, 0)
+    if think is None:
+        return "missing <think>"
+    pos = think[1]
+    if protocol == "decoupled":
+        for name in ("vision", "reasoning"):
+            _, _, end, miss = _block(tags, text, name, pos)
+            if miss:
+                return f"missing <{'/' if miss == 2 else ''}{name}> inside <think>"
+            pos = end
+    close = tags.find("think", True, pos)
+    if close is None:
+        return "missing </think>"
+    pos = close[1]
+    box = next((b for b in _boxes(text) if b[0] >= pos), None)
+    if box is None:
+        return "missing \\boxed{} answer after </think>"
+    _, _, end, miss = _block(tags, text, "analysis", box[2] + 1)
+    if miss:
+        return f"missing <{'/' if miss == 2 else ''}analysis> after the answer"
+    if conf_start < end:
+        return "<confidence> block does not follow </analysis>"
+    return None
+
+
+def _parse_confidences(tags: _Tags, text: str, protocol: str) -> tuple[list[float | None], int, str | None]:
+    """Read the first ``<confidence>`` block → ([c_v, c_r] or [c], block start, first failure)."""
+    if protocol == "rlcr":
+        raw, start, _, miss = _block(tags, text, "confidence", 0)
+        if miss:
+            return [None], start, f"missing <{'/' if miss == 2 else ''}confidence>"
+        value, why = _read_confidence(raw, "confidence")
+        return [value], start, why
+    opening = tags.find("confidence", False, 0)
+    if opening is None:
+        return [None, None], -1, "missing <confidence>"
+    pos, values, failure = opening[1], [], None
+    for name in ("vision_confidence", "reasoning_confidence"):
+        raw, _, end, miss = _block(tags, text, name, pos)
+        value, why = _read_confidence(raw, name) if not miss else (None, f"missing <{name}>")
+        if miss == 2:
+            why = f"missing </{name}>"
+        values.append(value)
+        failure = failure or why
+        pos = end if end >= 0 else pos
+    if tags.find("confidence", True, pos) is None:
+        failure = failure or "missing </confidence>"
+        values = [None, None]
+    return values, opening[0], failure
+
+
+def parse_response(text: str, protocol: str = "decoupled") -> ParsedResponse:
+    """Parse a response under ``protocol`` ("decoupled" or "rlcr"). Never raises.
+
+    >>> p = parse_response("<think><vision>2 dogs</vision><reasoning>so 2</reasoning></think>"
+    ...     "\\\\boxed{2}<analysis>clear</analysis><confidence><vision_confidence>8"
+    ...     "</vision_confidence><reasoning_confidence>6</reasoning_confidence></confidence>")
+    >>> p.format_ok, p.answer, p.vision_confidence, p.reasoning_confidence, round(p.confidence, 4)
+    (True, '2', 0.8, 0.6, 0.6857)
+    """
+    if protocol not in PROTOCOLS:
+        protocol, bad_protocol = "decoupled", True
+    else:
+        bad_protocol = False
+    if not isinstance(text, str):
+        return _unparsed(protocol, f"response is not a str: {type(text).__name__}")
+    if bad_protocol:
+        return _unparsed(protocol, "unknown protocol")
+    try:
+        return _parse(text, protocol)
+    except Exception as err:  # defensive: a reward function must never crash on a rollout
+        return _unparsed(protocol, f"parser error: {type(err).__name__}")
+
+
+def _unparsed(protocol: str, failure: str) -> ParsedResponse:
+    return ParsedResponse(protocol, False, False, failure, None, None, None, None, None, None, None)
+
+
+def _parse(text: str, protocol: str) -> ParsedResponse:
+    tags = _Tags(text)
+    values, conf_start, conf_failure = _parse_confidences(tags, text, protocol)
+    parse_ok = all(v is not None for v in values)
+    structure_failure = _structure_failure(tags, text, protocol, conf_start if conf_start >= 0 else 1 << 62)
+    if protocol == "decoupled":
+        c_v, c_r = values
+        confidence = overall_confidence(c_v, c_r) if parse_ok else None
+        span = vision_char_span(text)
+        vision = text[span[0] : span[1]].strip() if span else None
+        reasoning = _strip(_block(tags, text, "reasoning", 0)[0])
+    else:
+        c_v = c_r = vision = reasoning = None
+        confidence = values[0]
+    failure = structure_failure or conf_failure
+    return ParsedResponse(
+        protocol=protocol,
+        format_ok=failure is None,
+        parse_ok=parse_ok,
+        failure=failure,
+        vision=vision,
+        reasoning=reasoning,
+        answer=extract_answer(text),
+        analysis=_strip(_block(tags, text, "analysis", 0)[0]),
+        vision_confidence=c_v,
+        reasoning_confidence=c_r,
+        confidence=confidence,
+    )
