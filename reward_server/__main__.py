@@ -1,0 +1,49 @@
+"""``python -m reward_server --host H --port P [--workers N] [--timeout S] ...`` (see ``--help``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from reward_server import settings as settings_mod
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m reward_server",
+        description="VL-Calibration reward server (flags override VLCAL_RS_* environment variables)",
+    )
+    settings_mod.add_arguments(parser)
+    return parser
+
+
+def serve(settings: settings_mod.ServerSettings) -> int:
+    """Run uvicorn in this process until SIGINT/SIGTERM; returns the exit code."""
+    import uvicorn
+
+    from reward_server.app import create_app
+
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,  # per-request lines would dominate the log at RL batch rates; see /metrics
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_mod.from_args(args)
+    except ValueError as err:
+        print(f"reward_server: {err}", file=sys.stderr)
+        return 2
+    return serve(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
