@@ -25,6 +25,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from vlcal_verl.grading import extract_boxed
+
 Protocol = Literal["decoupled", "rlcr"]
 PROTOCOLS: tuple[str, ...] = ("decoupled", "rlcr")
 
@@ -224,15 +226,12 @@ def _boxes(text: str) -> list[tuple[int, int, int]]:
 
 
 def extract_answer(text: str) -> str | None:
-    """Content of the last balanced ``\\boxed{}`` (nested braces kept), stripped; None if there is none.
+    """Content of the last top-level ``\\boxed{}``/``\\fbox{}``, stripped; None when absent or cut off.
 
-    Local helper kept in step with ``vlcal_verl.grading.extract_boxed`` (see tests).
+    Delegates to :func:`vlcal_verl.grading.extract_boxed`, so the parser and the grader agree.
     """
-    boxes = _boxes(text)
-    if not boxes:
-        return None
-    _, start, close = boxes[-1]
-    return text[start:close].strip()
+    content = extract_boxed(text)
+    return None if content is None else content.strip()
 
 
 def _strip(s: str | None) -> str | None:
@@ -334,6 +333,9 @@ def _parse(text: str, protocol: str) -> ParsedResponse:
     else:
         c_v = c_r = vision = reasoning = None
         confidence = values[0]
+    answer = extract_answer(text)
+    if answer is None and structure_failure is None:
+        structure_failure = "last \\boxed{} is cut off"
     failure = structure_failure or conf_failure
     return ParsedResponse(
         protocol=protocol,
@@ -342,7 +344,7 @@ def _parse(text: str, protocol: str) -> ParsedResponse:
         failure=failure,
         vision=vision,
         reasoning=reasoning,
-        answer=extract_answer(text),
+        answer=answer,
         analysis=_strip(_block(tags, text, "analysis", 0)[0]),
         vision_confidence=c_v,
         reasoning_confidence=c_r,

@@ -61,7 +61,7 @@ def brier_term(confidence: float | None, correct: bool | float) -> float:
 def visual_reward(c_v: float | None, s_vis: float | None) -> float:
     """−(c_v − S̃_vis)², or −1 when c_v or S̃_vis is missing (None or NaN).
 
-    >>> visual_reward(0.7, 0.2)  # −(0.5)²
+    >>> visual_reward(0.75, 0.25)  # −(0.5)²
     -0.25
     >>> visual_reward(0.7, float("nan"))
     -1.0

@@ -247,6 +247,7 @@ CASES = [
         "2",
         None,
     ),
+    ("last-box-cut-off", GOOD + "\\boxed{3", False, True, 0.8, 0.6, None, "cut off"),
     ("zero-width-space-value", conf("8\u200b", "6"), False, False, None, 0.6, "2", "not a number"),
     ("tag-lookalike", GOOD.replace("<vision>", "<visionary>"), False, True, 0.8, 0.6, "2", "missing"),
 ]
@@ -328,11 +329,22 @@ def test_vision_char_span():
     assert vision_char_span("<vision>a<vision>b</vision>c</vision>") == (8, 18)
 
 
-def test_extract_answer():
+def test_extract_answer_agrees_with_grading():
+    from vlcal_verl.grading import extract_boxed
+
+    for text in (
+        "\\boxed{a} \\boxed{b{c}}",
+        "\\boxed{ 12 }",
+        "no box",
+        "\\boxed{a} then \\boxed{unclosed",
+        "\\boxed{\\fbox{x}}",
+        GOOD,
+    ):
+        want = extract_boxed(text)
+        assert extract_answer(text) == (None if want is None else want.strip())
     assert extract_answer("\\boxed{a} \\boxed{b{c}}") == "b{c}"
     assert extract_answer("\\boxed{ 12 }") == "12"
-    assert extract_answer("no box") is None
-    assert extract_answer("\\boxed{a} then \\boxed{unclosed") == "a"
+    assert extract_answer("\\boxed{a} then \\boxed{unclosed") is None  # cut-off last answer
 
 
 def test_build_prompt():

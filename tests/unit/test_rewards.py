@@ -336,3 +336,20 @@ def test_reference_parity_matches_regex_oracle(pieces, accuracy):
 
 def test_normalise_tags():
     assert normalise_tags("a < / b >  c / d") == "a</b>c/d"
+
+
+def test_compute_score_with_real_grader():
+    out = compute_score("virl", resp(box="\\boxed{\\frac{1}{2}}"), "0.5", {"answer_kind": "math"})
+    assert out["accuracy"] == 1.0 and out["grading_status"] == "ok"
+    out = compute_score("virl", resp(box="\\boxed{(B) 12}"), "B", None)
+    assert out["accuracy"] == 1.0
+    out = compute_score("virl", resp(box="\\boxed{3}"), "4", None)
+    assert out["accuracy"] == 0.0 and out["grading_status"] == "ok"
+    out = compute_score("virl", resp(box="no box"), "4", None)
+    assert out["grading_status"] == "no_answer"
+    # sympy hangs on this; the pool kills the worker: graded incorrect with status "timeout"
+    out = compute_score(
+        "virl", resp("10", "10", box="\\boxed{9**9**9**9}"), "\\sqrt{2}", None, grading_timeout_s=1.0
+    )
+    assert out["grading_status"] == "timeout" and out["accuracy"] == 0.0
+    assert out["score"] == pytest.approx(-1.6)  # Φ=1, I=0: 0 − 2 + 0.4
