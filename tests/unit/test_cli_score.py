@@ -1,0 +1,128 @@
+"""`vlcal score`: output keys and values, carried fields, and clear errors on malformed input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vlcal_verl.cli import main
+from vlcal_verl.rewards import REWARD_COMPONENT_KEYS
+
+GOOD = (
+    "<think><vision>a</vision><reasoning>b</reasoning></think>\\boxed{{{ans}}}<analysis>c</analysis>"
+    "<confidence><vision_confidence>{v}</vision_confidence><reasoning_confidence>{r}"
+    "</reasoning_confidence></confidence>"
+)
+
+
+def write_jsonl(path, rows):
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8"
+    )
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_scores_and_carries_fields(tmp_path):
+    rows = [
+        {"response": GOOD.format(ans="4", v=10, r=10), "ground_truth": "4", "data_source": "toy", "uid": "a"},
+        {"response": GOOD.format(ans="3", v=8, r=6), "ground_truth": 4, "data_source": "toy", "extra": [1]},
+        {"response": "I think it is 4.", "ground_truth": "4", "data_source": "toy"},
+        {
+            "response": GOOD.format(ans="B", v=5, r=5),
+            "ground_truth": "B",
+            "data_source": "mc",
+            "answer_kind": "multiple_choice",
+        },
+    ]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, rows)
+    assert main(["score", str(src), "-o", str(dst), "--workers", "2"]) == 0
+    out = read_jsonl(dst)
+    assert len(out) == 4
+    for row, res in zip(rows, out, strict=True):
+        assert all(k in res for k in REWARD_COMPONENT_KEYS)
+        assert {k: res[k] for k in row} == row  # carried through unchanged
+    # Φ=1, I=1: 1 + 0 + 0.4
+    assert out[0]["score"] == pytest.approx(1.4) and out[0]["vision_confidence"] == 1.0
+    # Φ=0.685714, I=0: −2·0.470204 + 0.4 = −0.540408
+    assert out[1]["score"] == pytest.approx(-2 * (0.96 / 1.4) ** 2 + 0.4)
+    assert out[1]["accuracy"] == 0.0 and out[1]["reasoning_confidence"] == 0.6
+    # unparsed: nulls, brier −1, no boxed answer
+    assert out[2]["vision_confidence"] is None and out[2]["reasoning_confidence"] is None
+    assert out[2]["confidence"] is None and out[2]["parse_ok"] is False
+    assert out[2]["grading_status"] == "no_answer" and out[2]["score"] == pytest.approx(-2.0)
+    assert out[3]["accuracy"] == 1.0 and out[3]["confidence"] == pytest.approx(0.5)
+
+
+def test_rlcr_and_parity_flags(tmp_path):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(
+        src,
+        [
+            {
+                "response": "<think>x</think>\\boxed{2}<analysis>y</analysis><confidence>7</confidence>",
+                "ground_truth": "2",
+                "data_source": "t",
+            }
+        ],
+    )
+    assert main(["score", str(src), "-o", str(dst), "--protocol", "rlcr"]) == 0
+    assert read_jsonl(dst)[0]["score"] == pytest.approx(1.22)  # 1 − 2·0.09 + 0.4
+    write_jsonl(
+        src, [{"response": GOOD.format(ans="1 / 2", v="٨", r=6), "ground_truth": "1/2", "data_source": "t"}]
+    )
+    assert main(["score", str(src), "-o", str(dst), "--reference-parity"]) == 0
+    res = read_jsonl(dst)[0]
+    assert res["vision_confidence"] == 0.8 and res["accuracy"] == 1.0 and res["format"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", "line 2: not valid JSON"),
+        ('{"ground_truth": "1", "data_source": "x"}', "line 2: missing field 'response'"),
+        ('{"response": "r", "data_source": "x"}', "line 2: missing field 'ground_truth'"),
+        ('{"response": 5, "ground_truth": "1"}', "line 2: field 'response' must be a string, got int"),
+        (
+            '{"response": "r", "ground_truth": null}',
+            "line 2: field 'ground_truth' must be a string or number",
+        ),
+        ('{"response": "r", "ground_truth": "1", "data_source": 3}', "line 2: field 'data_source' must be"),
+        ('["a", "b"]', "line 2: expected a JSON object, got list"),
+    ],
+)
+def test_malformed_input_names_line_and_field(tmp_path, capsys, line, message):
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, [{"response": "r", "ground_truth": "1", "data_source": "x"}, line])
+    assert main(["score", str(src), "-o", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_missing_file_and_bad_options(tmp_path, capsys):
+    assert main(["score", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "o.jsonl")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, [{"response": "r", "ground_truth": "1"}])
+    assert main(["score", str(src), "-o", str(tmp_path / "o.jsonl"), "--timeout", "0"]) == 2
+    assert "--timeout" in capsys.readouterr().err
+
+
+def test_console_script_exit_code(tmp_path):
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, ['{"response": 1, "ground_truth": "1"}'])
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlcal_verl.cli", "score", str(src), "-o", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "line 1: field 'response'" in proc.stderr and "Traceback" not in proc.stderr

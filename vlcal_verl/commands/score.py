@@ -1,0 +1,129 @@
+"""``vlcal score IN.jsonl -o OUT.jsonl``: score responses offline with the VL-Calibration reward.
+
+Each input line is a JSON object with ``response`` and ``ground_truth`` (and usually ``data_source``;
+an optional ``answer_kind`` picks the grader: math, multiple_choice, yes_no). Every other field is
+carried through; each output line adds ``score`` and the component keys of
+:data:`vlcal_verl.rewards.REWARD_COMPONENT_KEYS` (confidences in [0, 1], null when unparsed). The whole
+file is validated before any grading, so a bad line fails fast with its line number and field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_BAD_INPUT = 2
+
+
+class InputError(ValueError):
+    """Malformed input; the message names the line and the field."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", type=Path, help="JSONL with response, ground_truth, data_source per line")
+    parser.add_argument("-o", "--output", required=True, help="output JSONL ('-' for stdout)")
+    parser.add_argument(
+        "--protocol", choices=("decoupled", "rlcr"), default="decoupled", help="output protocol"
+    )
+    parser.add_argument("--workers", type=int, default=None, help="grading processes (default: CPUs)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="grading timeout per answer, seconds")
+    parser.add_argument(
+        "--reference-parity",
+        action="store_true",
+        help="reproduce the authors' decouple reward exactly (their parsing and mathruler grading)",
+    )
+    parser.add_argument("--w-brier", type=float, default=None, help="weight of the Brier term (2.0)")
+    parser.add_argument("--w-fmt", type=float, default=None, help="weight of the format term (0.4)")
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Read and validate the input JSONL; raise InputError naming the line and field."""
+    try:
+        handle = path.open(encoding="utf-8")
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err.strerror or err})") from None
+    records = []
+    with handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path} line {lineno}: not valid JSON ({err.msg})") from None
+            records.append(_validate(record, path, lineno))
+    return records
+
+
+def _validate(record: Any, path: Path, lineno: int) -> dict[str, Any]:
+    where = f"{path} line {lineno}"
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for field in ("response", "ground_truth"):
+        if field not in record:
+            raise InputError(f"{where}: missing field {field!r}")
+    if not isinstance(record["response"], str):
+        raise InputError(f"{where}: field 'response' must be a string, got {_kind(record['response'])}")
+    gt = record["ground_truth"]
+    if isinstance(gt, bool) or not isinstance(gt, str | int | float):
+        raise InputError(f"{where}: field 'ground_truth' must be a string or number, got {_kind(gt)}")
+    for field in ("data_source", "answer_kind"):
+        value = record.get(field)
+        if value is not None and not isinstance(value, str):
+            raise InputError(f"{where}: field {field!r} must be a string, got {_kind(value)}")
+    return record
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _config(args: argparse.Namespace):
+    from vlcal_verl.config import RewardConfig
+
+    cfg = RewardConfig(
+        protocol=args.protocol, reference_parity=args.reference_parity, grading_timeout_s=args.timeout
+    )
+    if args.w_brier is not None:
+        cfg.w_brier = args.w_brier
+    if args.w_fmt is not None:
+        cfg.w_fmt = args.w_fmt
+    if cfg.reference_parity and cfg.protocol != "decoupled":
+        raise InputError("--reference-parity needs --protocol decoupled")
+    if args.timeout <= 0:
+        raise InputError(f"--timeout must be > 0, got {args.timeout}")
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers must be >= 1, got {args.workers}")
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = _config(args)
+        records = read_records(args.input)
+    except InputError as err:
+        print(f"vlcal score: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from vlcal_verl.rewards import score_many
+
+    items = [(r["response"], str(r["ground_truth"]), r.get("answer_kind")) for r in records]
+    if cfg.reference_parity or not items:
+        results = score_many(items, cfg, progress=True)
+    else:
+        from vlcal_verl.grading import Grader
+
+        with Grader(max_workers=args.workers, timeout_s=cfg.grading_timeout_s) as grader:
+            results = score_many(items, cfg, grader=grader, progress=True)
+    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
+    try:
+        for record, result in zip(records, results, strict=False):
+            out.write(json.dumps({**record, **result}, ensure_ascii=False) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    n_ok = sum(r["parse_ok"] for r in results)
+    print(f"vlcal score: {len(results)} responses, {n_ok} parsed → {args.output}", file=sys.stderr)
+    return 0
