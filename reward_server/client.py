@@ -154,7 +154,7 @@ class RewardClient:
 
 def to_reward_dict(result: dict[str, Any]) -> dict[str, Any]:
     """A server result → what verl's reward manager expects: {"score": R, <component keys>}."""
-    if result.get("status") == "error" or result.get("score") is None:
+    if result.get("score") is None:  # a grading error still has a score (graded incorrect)
         raise RewardServerError(
             f"reward server could not score uid={result.get('uid')}: {result.get('error')}"
         )

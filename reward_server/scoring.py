@@ -59,7 +59,11 @@ class ScoringService:
     # ---- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._grader = grading.Grader(max_workers=self.settings.workers, timeout_s=self.settings.timeout)
+        # forkserver: workers (and their replacements after a kill) are forked from a clean, single-threaded
+        # server process, never from this one with its event loop and executor threads
+        self._grader = grading.Grader(
+            max_workers=self.settings.workers, timeout_s=self.settings.timeout, mp_context="forkserver"
+        )
         self._grader.__enter__()
 
     async def warm(self) -> None:

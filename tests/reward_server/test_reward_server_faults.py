@@ -1,0 +1,131 @@
+"""Faults contained by the real reward server: a hanging sympy input times out alone, a killed grading
+worker fails only its own item, and overload is answered with 503 + Retry-After."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.integration
+
+# vlcal_verl.grading's own crafted input: sympy spins on the power tower until the worker is killed
+HANGING_ANSWER, HANGING_TRUTH = "9**9**9**9", "\\sqrt{2}"
+
+
+def response(answer: str) -> str:
+    return (
+        "<think><vision>a plot</vision><reasoning>read it off</reasoning></think>"
+        f"\\boxed{{{answer}}}<analysis>fine</analysis><confidence><vision_confidence>7"
+        "</vision_confidence><reasoning_confidence>6</reasoning_confidence></confidence>"
+    )
+
+
+def good(uid: str) -> dict:
+    return {"uid": uid, "data_source": "t", "response": response("\\frac{1}{2}"), "ground_truth": "0.5"}
+
+
+def hanging(uid: str) -> dict:
+    return {
+        "uid": uid,
+        "data_source": "t",
+        "response": response(HANGING_ANSWER),
+        "ground_truth": HANGING_TRUTH,
+    }
+
+
+def metric(http, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", http.get("/metrics").text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def wait_until(predicate, what: str, limit_s: float = 20.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def post_in_thread(server, body: dict) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def run() -> None:
+        with server.client() as http:
+            out["reply"] = http.post("/v1/score", json=body)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_hanging_grading_times_out_alone(server):
+    items = [good("a"), hanging("hang"), good("b")]
+    with server.client() as http:
+        before = metric(http, "vlcal_rs_grading_timeouts_total")
+        reply = http.post("/v1/score", json={"items": items})
+        assert reply.status_code == 200, reply.text
+        results = {r["uid"]: r for r in reply.json()["results"]}
+        assert results["hang"]["status"] == "timeout"
+        assert results["hang"]["components"]["grading_status"] == "timeout"
+        assert results["hang"]["components"]["accuracy"] == 0.0
+        assert results["a"]["status"] == results["b"]["status"] == "ok"
+        assert results["a"]["components"]["accuracy"] == 1.0
+        assert metric(http, "vlcal_rs_grading_timeouts_total") == before + 1
+        later = http.post("/v1/score", json={"items": [good("later")]})
+        assert later.status_code == 200 and later.json()["results"][0]["status"] == "ok"
+        # the killed worker was replaced by a new process: counted as a pool restart
+        wait_until(lambda: metric(http, "vlcal_rs_pool_restarts_total") >= 1, "a pool restart")
+
+
+def grading_workers(server) -> list[psutil.Process]:
+    """Pool workers: the server's grandchildren (workers are forked by the forkserver child)."""
+    root = psutil.Process(server.process.pid)
+    return [p for p in root.children(recursive=True) if p.ppid() != root.pid]
+
+
+def test_killed_worker_mid_request_is_survived(server):
+    thread, out = post_in_thread(server, {"items": [hanging("h1"), hanging("h2")]})
+    with server.client() as http:
+        wait_until(lambda: metric(http, "vlcal_rs_inflight_items") == 2, "the request to be in flight")
+        workers = grading_workers(server)
+        assert len(workers) == 2, workers
+        victim = workers[0]
+        cpu0 = sum(victim.cpu_times()[:2])
+        wait_until(lambda: sum(victim.cpu_times()[:2]) > cpu0 + 0.05, "the worker to be busy grading")
+        os.kill(victim.pid, signal.SIGKILL)
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+        reply = out["reply"]
+        assert reply.status_code == 200, reply.text
+        results = reply.json()["results"]
+        # the killed worker's item is an error, the other still times out; both are graded incorrect
+        assert sorted(r["status"] for r in results) == ["error", "timeout"]
+        assert [r["components"]["accuracy"] for r in results] == [0.0, 0.0]
+        assert all(r["score"] is not None for r in reply.json()["results"])
+        assert http.get("/readyz").status_code == 200
+        after = http.post("/v1/score", json={"items": [good(str(i)) for i in range(4)]})
+        assert after.status_code == 200
+        assert [r["status"] for r in after.json()["results"]] == ["ok"] * 4
+
+
+def test_overload_is_503_with_retry_after(server):
+    busy = [hanging("h1"), hanging("h2")] + [good(str(i)) for i in range(14)]  # max_inflight = 16
+    thread, out = post_in_thread(server, {"items": busy})
+    with server.client() as http:
+        wait_until(lambda: metric(http, "vlcal_rs_inflight_items") == 16, "16 items in flight")
+        refused = http.post("/v1/score", json={"items": [good("extra")]})
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert "max_inflight=16" in refused.json()["detail"][0]["msg"]
+        thread.join(timeout=30)
+        assert out["reply"].status_code == 200
+        accepted = http.post("/v1/score", json={"items": [good("extra")]})
+        assert accepted.status_code == 200
+        assert metric(http, "vlcal_rs_overload_rejections_total") >= 1
