@@ -1,0 +1,100 @@
+"""``vlcal metrics``: JSON/table output, key options, null confidences, plots, and malformed input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlcal_verl.cli import main
+
+
+def _write(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def _run_json(capsys, *argv):
+    assert main(["metrics", *map(str, argv), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_json_output_hand_computed(tmp_path, capsys):
+    path = _write(
+        tmp_path / "in.jsonl",
+        [
+            {"confidence": 0.9, "correct": True, "extra": "ignored"},
+            {"confidence": 0.8, "correct": False},
+            "",
+            {"confidence": 0.3, "correct": 1},
+            {"confidence": 0.0, "correct": 0},
+        ],
+    )
+    out = _run_json(capsys, path)
+    assert out["n"] == 4 and out["accuracy"] == 0.5
+    # bins: 9 {0.9 ✓}: 0.1; 8 {0.8 ✗}: 0.8; 3 {0.3 ✓}: 0.7; 0 {0.0 ✗}: 0 → mean 0.4
+    assert out["ece"] == pytest.approx(0.4)
+    assert out["brier"] == pytest.approx((0.01 + 0.64 + 0.49 + 0) / 4)
+    assert out["auroc"] == pytest.approx(0.75)  # pairs (0.9>0.8, 0.9>0, 0.3<0.8, 0.3>0) → 3/4
+    # risk–coverage: 0.25 → 0, 0.5 → 1/2, 0.75 → 1/3, 1.0 → 1/2
+    assert out["aurc"] == pytest.approx(0.25 * (0 + 0.5 + 1 / 3 + 0.5))
+    assert out["parse_rate"] == 1.0
+
+
+def test_null_confidence_counts_as_zero_and_lowers_parse_rate(tmp_path, capsys):
+    path = _write(
+        tmp_path / "in.jsonl",
+        [
+            {"confidence": None, "accuracy": 0.0},
+            {"confidence": 1.0, "accuracy": 1.0},
+            {"confidence": 0.5, "correct": 1, "parse_ok": False},
+        ],
+    )
+    out = _run_json(capsys, path)
+    assert out["n"] == 3 and out["parse_rate"] == pytest.approx(1 / 3)
+    assert out["mean_conf"] == pytest.approx(0.5)
+
+
+def test_custom_keys_table_and_plot(tmp_path, capsys):
+    path = _write(tmp_path / "in.jsonl", [{"phi": i / 10, "ok": i % 2 == 0} for i in range(11)])
+    plot = tmp_path / "rel.png"
+    assert (
+        main(["metrics", str(path), "--confidence-key", "phi", "--correct-key", "ok", "--plot", str(plot)])
+        == 0
+    )
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split() == ["n", "11"]
+    assert {"accuracy", "ece", "auroc", "brier", "aurc"} <= {line.split()[0] for line in table.splitlines()}
+    assert plot.stat().st_size > 10_000
+
+
+def test_single_class_reports_auroc_as_null(tmp_path, capsys):
+    out = _run_json(capsys, _write(tmp_path / "in.jsonl", [{"confidence": 0.7, "correct": True}] * 3))
+    assert out["auroc"] is None and "auroc_note" in out
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (['{"confidence": 0.5, "correct": true}', "{not json"], "line 2: not valid JSON"),
+        (['{"correct": true}'], "line 1: missing field 'confidence'"),
+        (['{"confidence": 0.5}'], "line 1: missing field 'correct'"),
+        (['{"confidence": 7, "correct": true}'], "line 1: field 'confidence' = 7 is outside [0, 1]"),
+        (['{"confidence": "high", "correct": true}'], "line 1: field 'confidence' must be a number"),
+        (['{"confidence": 0.5, "correct": "yes"}'], "line 1: field 'correct' must be true/false or 0/1"),
+        (['{"confidence": 0.5, "accuracy": 0.4}'], "line 1: field 'accuracy' must be true/false or 0/1"),
+        (["[0.5, true]"], "line 1: expected a JSON object"),
+        ([""], "no records"),
+    ],
+)
+def test_malformed_input_exits_2_naming_line_and_field(tmp_path, capsys, lines, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    assert main(["metrics", str(path), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""
+
+
+def test_missing_file_exits_2(tmp_path, capsys):
+    assert main(["metrics", str(tmp_path / "nope.jsonl")]) == 2
+    assert "cannot read" in capsys.readouterr().err
