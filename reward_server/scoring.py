@@ -67,15 +67,18 @@ class ScoringService:
         self._grader.__enter__()
 
     async def warm(self) -> None:
-        """Grade a trivial item through the pool; /readyz answers 200 once it came back right."""
+        """Grade a small math item in every worker (lazy parser set-up happens here, not in the first
+        real batch); /readyz answers 200 once all came back correct."""
         assert self._grader is not None, "start() first"
+        probes = [self._grader.submit("\\frac{1}{2}", "0.5") for _ in range(2 * self.settings.workers)]
         try:
-            result = await asyncio.wrap_future(self._grader.submit("1", "1"))
+            results = await asyncio.gather(*(asyncio.wrap_future(f) for f in probes))
         except Exception as err:
             self._warm_error = f"warm-up grade raised {type(err).__name__}: {err}"
             return
-        if not result.correct:
-            self._warm_error = f"warm-up grade of '1' vs '1' came back {result}"
+        wrong = [r for r in results if not r.correct]
+        if wrong:
+            self._warm_error = f"warm-up grade of '\\frac{{1}}{{2}}' vs '0.5' came back {wrong[0]}"
             return
         self._known_workers = self._worker_pids()
         self.ready = True
