@@ -44,6 +44,7 @@ _TAG_RE = re.compile(f"<{WS}(/?){WS}({'|'.join(_TAG_NAMES)}){WS}>")
 VISION_OPEN_RE = re.compile(f"<{WS}vision{WS}>")
 VISION_CLOSE_RE = re.compile(f"<{WS}/{WS}vision{WS}>")
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\{")
+_BRACE_RE = re.compile(r"[{}]")
 _NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)", re.ASCII)
 MAX_CONFIDENCE = 10.0
 
@@ -201,28 +202,42 @@ def _read_confidence(raw: str | None, name: str) -> tuple[float | None, str | No
 
 
 def _matching_braces(text: str) -> dict[int, int]:
-    """Map the index of each '{' to the index of its matching '}' (one linear pass)."""
+    """Map the index of each '{' to the index of its matching '}' (one pass over the braces only)."""
     stack: list[int] = []
     match: dict[int, int] = {}
-    for i, ch in enumerate(text):
-        if ch == "{":
-            stack.append(i)
-        elif ch == "}" and stack:
-            match[stack.pop()] = i
+    for m in _BRACE_RE.finditer(text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            match[stack.pop()] = m.start()
     return match
 
 
-def _boxes(text: str) -> list[tuple[int, int, int]]:
-    """(start, content_start, close) of every balanced ``\\boxed{…}`` / ``\\fbox{…}``, in order."""
-    if "\\boxed{" not in text and "\\fbox{" not in text:
-        return []
-    braces = _matching_braces(text)
-    out = []
-    for m in _BOX_RE.finditer(text):
-        close = braces.get(m.end() - 1)
+def _close_of(text: str, start: int) -> int | None:
+    """Index of the '}' closing the '{' just before ``start``, or None (depth counting on braces only)."""
+    depth = 1
+    for b in _BRACE_RE.finditer(text, start):
+        depth += 1 if b.group() == "{" else -1
+        if depth == 0:
+            return b.start()
+    return None
+
+
+def _first_box_after(text: str, pos: int) -> int | None:
+    """Closing-brace index of the first balanced ``\\boxed{…}``/``\\fbox{…}`` starting at or after pos.
+
+    Each box is closed by a scan of the braces after it; past a few unbalanced boxes (adversarial text)
+    one linear pass matches all braces instead, so the cost stays linear.
+    """
+    for k, m in enumerate(_BOX_RE.finditer(text, pos)):
+        if k == 8:
+            braces = _matching_braces(text)
+            later = (braces.get(b.end() - 1) for b in _BOX_RE.finditer(text, m.start()))
+            return next((c for c in later if c is not None), None)
+        close = _close_of(text, m.end())
         if close is not None:
-            out.append((m.start(), m.end(), close))
-    return out
+            return close
+    return None
 
 
 def extract_answer(text: str) -> str | None:
@@ -255,10 +270,10 @@ def _structure_failure(tags: _Tags, text: str, protocol: str, conf_start: int) -
     if close is None:
         return "missing </think>"
     pos = close[1]
-    box = next((b for b in _boxes(text) if b[0] >= pos), None)
-    if box is None:
+    box_close = _first_box_after(text, pos)
+    if box_close is None:
         return "missing \\boxed{} answer after </think>"
-    _, _, end, miss = _block(tags, text, "analysis", box[2] + 1)
+    _, _, end, miss = _block(tags, text, "analysis", box_close + 1)
     if miss:
         return f"missing <{'/' if miss == 2 else ''}analysis> after the answer"
     if conf_start < end:

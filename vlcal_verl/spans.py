@@ -12,22 +12,36 @@ following text are all handled because nothing ever looks at token boundaries ex
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import functools
 import re
 import weakref
 from collections.abc import Collection, Sequence
-from itertools import accumulate
+from dataclasses import dataclass
 from typing import Any
 
-from vlcal_verl.protocol import WS
+import numpy as np
+
+from vlcal_verl.protocol import WS, ParsedResponse, parse_response
 
 _WS_B = WS.encode()
 VISION_OPEN_B = re.compile(b"<" + _WS_B + b"vision" + _WS_B + b">")
 VISION_CLOSE_B = re.compile(b"<" + _WS_B + b"/" + _WS_B + b"vision" + _WS_B + b">")
 
-_TABLES: weakref.WeakKeyDictionary[Any, tuple[list[bytes], list[int]]] = weakref.WeakKeyDictionary()
+_TABLES: weakref.WeakKeyDictionary[Any, _ByteTable] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class _ByteTable:
+    """Every token's bytes: ``pieces[id]``, and the same as one flat uint8 buffer for numpy gathers.
+
+    ``pieces`` has one extra, empty entry at index V that stands in for out-of-vocabulary ids.
+    """
+
+    pieces: list[bytes]
+    lengths: np.ndarray  # [V+1] int64
+    starts: np.ndarray  # [V+1] int64, offset of each token in ``flat``
+    flat: np.ndarray  # [sum(lengths)] uint8
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,44 +59,102 @@ def _byte_decoder() -> dict[str, int]:
     return chars
 
 
-def token_bytes_table(tokenizer) -> tuple[list[bytes], list[int]]:
-    """(id → bytes, id → byte length) for a byte-level BPE tokenizer; cached per tokenizer object.
+def token_bytes_table(tokenizer) -> tuple[list[bytes], np.ndarray]:
+    """(id → bytes, id → byte length [V+1]) for a byte-level BPE tokenizer; cached per tokenizer object.
 
     Added tokens (``<think>``, ``<|im_end|>`` …) map to the UTF-8 of their content. Raises ValueError
     for a tokenizer that is not byte-level (e.g. SentencePiece), whose tokens are not fixed bytes.
     """
-    try:
+    table = _byte_table(tokenizer)
+    return table.pieces, table.lengths
+
+
+def _byte_table(tokenizer) -> _ByteTable:
+    with contextlib.suppress(KeyError, TypeError):
         return _TABLES[tokenizer]
-    except (KeyError, TypeError):
-        pass
     decoder = _byte_decoder()
     added = {i: t.content for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
     size = max(len(tokenizer), max(added, default=-1) + 1)
-    pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
-    table: list[bytes] = []
-    for i, piece in enumerate(pieces):
+    pieces: list[bytes] = []
+    for i, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(size)))):
         if i in added:
-            table.append(added[i].encode("utf-8"))
+            pieces.append(added[i].encode("utf-8"))
         elif piece is None:
-            table.append(b"")
+            pieces.append(b"")
         else:
             try:
-                table.append(bytes(decoder[ch] for ch in piece))
+                pieces.append(bytes(decoder[ch] for ch in piece))
             except KeyError:
                 raise ValueError(
                     f"tokenizer is not byte-level BPE (token {i} = {piece!r}); vision_token_span "
                     "needs a tokenizer whose ids map to fixed bytes (Qwen2/2.5/3, GPT-2 family)"
                 ) from None
-    lengths = [len(b) for b in table]
-    with contextlib.suppress(TypeError):  # not weak-referenceable: recompute next time
-        _TABLES[tokenizer] = (table, lengths)
-    return table, lengths
+    pieces.append(b"")  # index V: out-of-vocabulary ids
+    lengths = np.array([len(b) for b in pieces], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    table = _ByteTable(pieces, lengths, starts, np.frombuffer(b"".join(pieces), dtype=np.uint8))
+    with contextlib.suppress(TypeError):  # not weak-referenceable: rebuilt next time
+        _TABLES[tokenizer] = table
+    return table
 
 
-def _as_list(ids: Sequence[int] | Any) -> list[int]:
-    if hasattr(ids, "tolist"):  # torch tensor / numpy array
-        ids = ids.tolist()
-    return list(ids)
+def _as_array(ids: Sequence[int] | Any) -> np.ndarray:
+    """Response ids as a 1-D int64 array (torch tensors and numpy arrays without a Python loop)."""
+    if hasattr(ids, "detach"):  # torch tensor
+        ids = ids.detach().cpu().numpy()
+    if isinstance(ids, np.ndarray):
+        arr = ids.astype(np.int64, copy=False)
+    else:
+        try:
+            arr = np.fromiter(ids, dtype=np.int64, count=len(ids))
+        except (TypeError, ValueError):
+            raise ValueError("response_ids must be a 1-D sequence of token ids (ints)") from None
+    if arr.ndim != 1:
+        raise ValueError(f"response_ids must be 1-D, got shape {arr.shape}")
+    return arr
+
+
+def response_bytes(
+    response_ids: Sequence[int], tokenizer, stop_ids: Collection[int] | None = None
+) -> tuple[bytes, np.ndarray]:
+    """(bytes of the tokens before the first stop id, ends [L] int64: end byte of each token, exclusive).
+
+    Ids outside the vocabulary (e.g. the padded embedding rows 151669..151935 of Qwen models) and
+    negative ids count as empty. The bytes are gathered with numpy from one flat buffer (no Python
+    loop over tokens).
+    """
+    table = _byte_table(tokenizer)
+    arr = _as_array(response_ids)
+    if stop_ids and arr.size:
+        hit = np.isin(arr, np.fromiter(stop_ids, dtype=np.int64))
+        if hit.any():
+            arr = arr[: int(hit.argmax())]
+    empty = len(table.pieces) - 1
+    if arr.size and (arr.min() < 0 or arr.max() >= empty):
+        arr = np.where((arr >= 0) & (arr < empty), arr, empty)
+    lengths = table.lengths[arr]
+    ends = np.cumsum(lengths)
+    if not arr.size:
+        return b"", ends
+    # byte k of the response is flat[starts[id_t] + (k − first byte of token t)]
+    index = np.repeat(table.starts[arr] - (ends - lengths), lengths) + np.arange(int(ends[-1]))
+    return table.flat[index].tobytes(), ends
+
+
+def _span_in_bytes(data: bytes, ends: np.ndarray) -> tuple[int, int] | None:
+    """Token range of z_vis given the response bytes and each token's end byte."""
+    opening = VISION_OPEN_B.search(data)
+    if opening is None:
+        return None
+    closing = VISION_CLOSE_B.search(data, opening.end())
+    if closing is None:
+        return None
+    first, last = opening.end(), closing.start()  # z_vis bytes: [first, last)
+    if first == last:
+        return None
+    # first token whose bytes reach past `first`; one past the token holding byte last-1
+    start, end = np.searchsorted(ends, [first, last - 1], side="right").tolist()
+    return start, end + 1
 
 
 def vision_token_span(
@@ -104,29 +176,23 @@ def vision_token_span(
     >>> tok.decode(ids[s:e])
     'two red dogs'
     """
-    table, lengths = token_bytes_table(tokenizer)
-    ids = _as_list(response_ids)
-    if stop_ids:
-        stop = set(stop_ids)
-        for i, t in enumerate(ids):
-            if t in stop:
-                ids = ids[:i]
-                break
-    n = len(table)
-    data = b"".join([table[t] if 0 <= t < n else b"" for t in ids])
-    opening = VISION_OPEN_B.search(data)
-    if opening is None:
-        return None
-    closing = VISION_CLOSE_B.search(data, opening.end())
-    if closing is None:
-        return None
-    first, last = opening.end(), closing.start()  # z_vis bytes: [first, last)
-    if first == last:
-        return None
-    ends = list(accumulate([lengths[t] if 0 <= t < n else 0 for t in ids]))  # ends[i]: end byte of token i
-    start = bisect.bisect_right(ends, first)  # first token whose bytes reach past `first`
-    end = bisect.bisect_right(ends, last - 1) + 1  # one past the token holding byte last-1
-    return start, end
+    return _span_in_bytes(*response_bytes(response_ids, tokenizer, stop_ids))
+
+
+def parse_response_ids(
+    response_ids: Sequence[int],
+    tokenizer,
+    protocol: str = "decoupled",
+    stop_ids: Collection[int] | None = None,
+) -> tuple[ParsedResponse, tuple[int, int] | None]:
+    """Parse a tokenised response and find its vision span in one pass over its bytes.
+
+    The text is the UTF-8 decoding of the tokens' bytes (invalid bytes → U+FFFD), which is what a
+    byte-level tokenizer's ``decode`` returns without skipping special tokens, at a fraction of the cost.
+    """
+    data, ends = response_bytes(response_ids, tokenizer, stop_ids)
+    parsed = parse_response(data.decode("utf-8", errors="replace"), protocol)
+    return parsed, _span_in_bytes(data, ends)
 
 
 def vision_token_spans(

@@ -420,3 +420,30 @@ def test_parse_never_raises_on_any_text(text):
     assert isinstance(parse_response(text), ParsedResponse)
     span = vision_char_span(text)
     assert span is None or 0 <= span[0] <= span[1] <= len(text)
+
+
+def _naive_first_box(text: str, pos: int):
+    for i in range(pos, len(text)):
+        for head in ("\\boxed{", "\\fbox{"):
+            if text.startswith(head, i):
+                depth = 1
+                for j in range(i + len(head), len(text)):
+                    depth += {"{": 1, "}": -1}.get(text[j], 0)
+                    if depth == 0:
+                        return j
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["\\boxed{", "\\fbox{", "{", "}", "x", " "]), max_size=60), st.integers(0, 5))
+def test_first_box_after_matches_naive_scan(pieces, pos):
+    from vlcal_verl.protocol import _first_box_after
+
+    text = "".join(pieces)
+    assert _first_box_after(text, pos) == _naive_first_box(text, pos)
+
+
+def test_many_unbalanced_boxes_stay_linear():
+    text = "<think><vision>a</vision><reasoning>b</reasoning></think>" + "\\boxed{" * 20000 + "x}"
+    p = parse_response(text)
+    assert p.answer is None and not p.format_ok  # the outermost box never closes: cut off

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import unicodedata
+from itertools import accumulate
 from typing import ClassVar
 
 import pytest
@@ -126,7 +127,7 @@ def test_token_bytes_match_the_tiktoken_ranks(tok, package_tokenizer):
     mismatches = [i for i in range(FIRST_ADDED_ID) if table[i] != decoder[i]]
     assert mismatches == []
     assert table[151667] == b"<think>" and table[IM_END] == b"<|im_end|>"
-    assert lengths[:100] == [len(b) for b in table[:100]]
+    assert lengths[:100].tolist() == [len(b) for b in table[:100]]
 
 
 def test_qwen_tokenizer_matches_tiktoken_encoder(tok, package_tokenizer):
@@ -263,3 +264,24 @@ def test_non_byte_level_tokenizer_is_rejected():
 
     with pytest.raises(ValueError, match="byte-level"):
         vision_token_span([0], Fake())
+
+
+def test_response_bytes_and_parse_response_ids(tok):
+    from vlcal_verl.protocol import parse_response
+    from vlcal_verl.spans import parse_response_ids, response_bytes
+
+    rng = random.Random(3)
+    for _ in range(100):
+        text = random_text(rng)
+        ids = tok.encode(text, add_special_tokens=False)
+        data, ends = response_bytes(ids, tok)
+        assert data.decode("utf-8") == tok.decode(ids) == text
+        table, _ = token_bytes_table(tok)
+        assert ends.tolist() == list(accumulate(len(table[i]) for i in ids))
+        parsed, span = parse_response_ids(ids, tok)
+        assert parsed == parse_response(text) and span == vision_token_span(ids, tok)
+    data, ends = response_bytes([-5, *tok.encode("ab", add_special_tokens=False), 10**7], tok)
+    assert data == b"ab" and ends[0] == 0 and ends[-1] == 2  # out-of-vocabulary ids are empty
+    assert response_bytes([], tok)[0] == b""
+    with pytest.raises(ValueError, match="1-D"):
+        response_bytes([[1, 2]], tok)
