@@ -107,8 +107,10 @@ def grade_answer(prediction: str | None, ground_truth: str, kind: str | None = N
     """
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")
+    if isinstance(ground_truth, int | float) and not isinstance(ground_truth, bool):
+        ground_truth = repr(ground_truth) if isinstance(ground_truth, float) else str(ground_truth)
     if not isinstance(ground_truth, str):
-        raise TypeError(f"ground_truth must be a str, got {type(ground_truth).__name__}")
+        raise TypeError(f"ground_truth must be a str (or a number), got {type(ground_truth).__name__}")
     if prediction is None or not str(prediction).strip():
         return GradeResult(False, "no_answer", None, "empty prediction")
     pred = str(prediction).strip()
@@ -303,15 +305,21 @@ def _outcome(future: concurrent.futures.Future, timeout_s: float) -> GradeResult
 
 
 _DEFAULT: Grader | None = None
+_DEFAULT_PID: int | None = None
 _DEFAULT_LOCK = threading.Lock()
 
 
 def default_grader() -> Grader:
-    """The process-wide Grader, created on first use (2 workers at most) and closed at exit."""
-    global _DEFAULT
+    """The process-wide Grader, created on first use (2 workers at most) and closed at exit.
+
+    A forked child (a DataLoader worker, a Ray actor forked after first use) gets its own pool: the
+    parent's pool threads do not exist in the child, and submitting there would wait forever.
+    """
+    global _DEFAULT, _DEFAULT_PID
     with _DEFAULT_LOCK:
-        if _DEFAULT is None or _DEFAULT._closed:
+        if _DEFAULT is None or _DEFAULT._closed or os.getpid() != _DEFAULT_PID:
             _DEFAULT = Grader(max_workers=min(2, _default_workers()))
+            _DEFAULT_PID = os.getpid()
             atexit.register(_DEFAULT.close)
         return _DEFAULT
 
@@ -325,4 +333,13 @@ def grade_with_timeout(
         >>> grade_with_timeout("9**9**9**9", "\\\\sqrt{2}", timeout_s=1.0).status
         'timeout'
     """
-    return default_grader().submit(prediction, ground_truth, kind, timeout_s=timeout_s).result()
+    future = default_grader().submit(prediction, ground_truth, kind, timeout_s=timeout_s)
+    try:  # pebble resolves every future by itself; this bound only guards against a wedged pool
+        return future.result(timeout=timeout_s + _POOL_GRACE_S)
+    except concurrent.futures.TimeoutError:
+        return GradeResult(
+            False, "timeout", None, f"grading pool did not answer within {timeout_s:g}s + grace"
+        )
+
+
+_POOL_GRACE_S = 60.0

@@ -111,7 +111,21 @@ def test_explicit_kind_overrides_detection_and_bad_input_is_named():
     with pytest.raises(ValueError, match="ground_truth"):
         grade_answer("A", "12", kind="multiple_choice")
     with pytest.raises(TypeError, match="ground_truth"):
-        grade_answer("1", 1)  # type: ignore[arg-type]
+        grade_answer("1", ["1"])  # type: ignore[arg-type]
+    assert grade_answer("12", 12).correct and grade_answer("0.5", 0.5).correct  # numbers are accepted
+
+
+def test_default_grader_is_per_process():
+    from vlcal_verl import grading
+
+    grader = grading.default_grader()
+    assert grading.default_grader() is grader
+    grading._DEFAULT_PID = -1  # as if this process were a fork of the one that created it
+    try:
+        fresh = grading.default_grader()
+        assert fresh is not grader and fresh.submit("1", "1").result(timeout=30).correct
+    finally:
+        grader.close()
 
 
 @pytest.mark.parametrize(
