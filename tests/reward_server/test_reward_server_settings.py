@@ -1,0 +1,50 @@
+"""Server settings: flag > VLCAL_RS_* env var > default, and errors that name the flag or variable."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from reward_server import settings as s
+from vlcal_verl.cli import build_parser
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    s.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_flag_beats_env_beats_default():
+    env = {"VLCAL_RS_PORT": "9001", "VLCAL_RS_TIMEOUT": "2.5", "VLCAL_RS_MAX_ITEMS": "64"}
+    got = s.from_args(parse(["--port", "9002", "--workers", "3"]), environ=env)
+    assert (got.port, got.timeout, got.max_items, got.workers) == (9002, 2.5, 64, 3)
+    assert got.host == "127.0.0.1" and got.max_inflight == 8192
+    assert s.from_args(None, environ={}).port == 8000
+
+
+def test_bad_values_name_the_field():
+    with pytest.raises(ValueError, match="VLCAL_RS_PORT='http'"):
+        s.from_args(None, environ={"VLCAL_RS_PORT": "http"})
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        s.from_args(parse(["--timeout", "0"]), environ={})
+    with pytest.raises(ValueError, match=r"max_inflight \(10\) must be >= max_items \(20\)"):
+        s.from_args(parse(["--max-items", "20", "--max-inflight", "10"]), environ={})
+    with pytest.raises(ValueError, match="protocol must be"):
+        s.from_args(parse(["--protocol", "other"]), environ={})
+
+
+def test_reward_config_carries_weights_and_timeout():
+    cfg = s.from_args(
+        parse(["--w-brier", "1.5", "--timeout", "3", "--protocol", "rlcr"]), environ={}
+    ).reward_config()
+    assert (cfg.w_brier, cfg.w_fmt, cfg.grading_timeout_s, cfg.protocol) == (1.5, 0.4, 3.0, "rlcr")
+
+
+def test_vlcal_serve_alias_has_the_same_flags():
+    args = build_parser().parse_args(
+        ["serve", "--host", "0.0.0.0", "--port", "7000", "--max-body-bytes", "1024"]
+    )
+    got = s.from_args(args, environ={})
+    assert (got.host, got.port, got.max_body_bytes) == ("0.0.0.0", 7000, 1024)
