@@ -8,6 +8,8 @@ import sys
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vlcal_verl.answer_normalize import detect_kind, extract_choice_letter, normalize_math
 from vlcal_verl.grading import Grader, GradeResult, extract_boxed, grade_answer, grade_with_timeout
@@ -211,3 +213,34 @@ def test_grader_rejects_bad_arguments():
         Grader(timeout_s=0)
     with pytest.raises(ValueError, match="max_workers"):
         Grader(max_workers=0)
+
+
+def test_grading_works_off_the_main_thread():
+    """math-verify's default signal timeout raises in threads; ours is disabled, so threads are fine."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(
+            pool.map(lambda pair: grade_answer(*pair), [("\\{1,2\\}", "\\{2,1\\}"), ("0.5", "1/2")])
+        )
+    assert [(r.correct, r.method) for r in results] == [(True, "math_verify"), (True, "mathruler")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ab{}\\ $()%.,0123456789ABC°", max_size=40) | st.text(max_size=40))
+def test_string_rules_never_raise(text):
+    extract_boxed(text)
+    extract_boxed("\\boxed{" + text)
+    extract_choice_letter(text)
+    normalize_math(text)
+    detect_kind(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.recursive(
+        st.text(alphabet="xy1 ", max_size=3), lambda inner: st.builds("{{{}}}".format, inner), max_leaves=6
+    )
+)
+def test_extract_boxed_keeps_any_balanced_content(content):
+    assert extract_boxed(f"pre \\boxed{{0}} mid \\boxed{{{content}}} post") == content
