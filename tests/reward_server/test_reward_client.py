@@ -121,6 +121,7 @@ BUSY = (
 )
 
 
+@pytest.mark.integration
 def test_client_retries_503_then_succeeds():
     with ScriptedServer([BUSY, BUSY, (200, {}, ok_body)]) as stub:
         out = asyncio.run(client.compute_score("d", "s", "1", server_url=stub.url, max_retries=3, **FAST))
@@ -130,6 +131,7 @@ def test_client_retries_503_then_succeeds():
         assert stub.calls == 4 and sync[0]["score"] == 1.4
 
 
+@pytest.mark.integration
 def test_client_gives_up_after_bounded_retries():
     with ScriptedServer([BUSY]) as stub:
         with pytest.raises(client.RewardServerError, match="after 3 attempts"):
@@ -137,6 +139,7 @@ def test_client_gives_up_after_bounded_retries():
         assert stub.calls == 3
 
 
+@pytest.mark.integration
 def test_client_does_not_retry_4xx_and_names_the_field():
     bad = (422, {}, {"detail": [{"loc": ["body", "items", 0, "ground_truth"], "msg": "Field required"}]})
     with ScriptedServer([bad, (200, {}, ok_body)]) as stub:
@@ -146,6 +149,7 @@ def test_client_does_not_retry_4xx_and_names_the_field():
         assert stub.calls == 1
 
 
+@pytest.mark.integration
 def test_client_retries_connection_errors_boundedly():
     with ScriptedServer([BUSY]) as stub:
         url = stub.url  # closed below: nothing listens on this port any more
@@ -153,6 +157,7 @@ def test_client_retries_connection_errors_boundedly():
         client.compute_score_batch(["d"], ["s"], ["1"], server_url=url, max_retries=2, **FAST)
 
 
+@pytest.mark.integration
 def test_unscorable_item_raises_and_extra_info_is_made_json_safe():
     import numpy as np
 

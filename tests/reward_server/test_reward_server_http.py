@@ -215,3 +215,15 @@ def test_oversized_requests_are_413_naming_the_limit(server):
     assert "max_response_chars" in detail(r2)[0]["msg"]
     assert r3.status_code == 413 and "max_body_bytes=200000" in detail(r3)[0]["msg"]
     assert r4.status_code == 413 and detail(r4)[0]["loc"] == ["body", "query"]
+
+
+def test_chunked_body_over_the_limit_is_413(server):
+    def chunks():  # no Content-Length: the limit is enforced while the body streams in
+        yield b'{"items": [{"uid": "1", "data_source": "", "ground_truth": "1", "response": "'
+        for _ in range(30):
+            yield b"z" * 10_000
+        yield b'"}]}'
+
+    with server.client() as http:
+        reply = http.post("/v1/score", content=chunks(), headers={"content-type": "application/json"})
+    assert reply.status_code == 413 and "max_body_bytes=200000" in detail(reply)[0]["msg"]
