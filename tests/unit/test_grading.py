@@ -14,9 +14,11 @@ from hypothesis import strategies as st
 from vlcal_verl.answer_normalize import detect_kind, extract_choice_letter, normalize_math
 from vlcal_verl.grading import Grader, GradeResult, extract_boxed, grade_answer, grade_with_timeout
 
-# sympy's integer power tower: mathruler lets "**" through its "^{" guard and sympy spins on it for
-# minutes (confirmed > 10 s in a subprocess by test_hanging_input_really_hangs).
+# Crafted inputs that keep in-process grading busy for minutes (confirmed > 10 s by
+# test_hanging_inputs_really_hang): sympy's integer power tower (mathruler lets "**" through its "^{"
+# guard) and a LaTeX factorial of 10^8 that sympy tries to evaluate.
 HANGING_PRED, HANGING_GT = "9**9**9**9", "\\sqrt{2}"
+HANGING_LATEX_PRED = "(10^{8})!"
 
 CORRECT = [
     # math equivalences
@@ -163,11 +165,27 @@ def test_choice_letters_and_normalisation():
     assert normalize_math("(1,000)") == "(1,000)"  # a tuple keeps its comma
 
 
-def test_hanging_input_really_hangs():
-    """The crafted input keeps plain in-process grading busy for more than 10 s."""
-    code = f"from vlcal_verl.grading import grade_answer; grade_answer({HANGING_PRED!r}, {HANGING_GT!r})"
-    with pytest.raises(subprocess.TimeoutExpired):
-        subprocess.run([sys.executable, "-c", code], timeout=10, capture_output=True)
+def test_hanging_inputs_really_hang():
+    """Plain in-process grading of each crafted input is still running after 10 s (run side by side)."""
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                f"from vlcal_verl.grading import grade_answer; grade_answer({pred!r}, {gt!r})",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for pred, gt in [(HANGING_PRED, HANGING_GT), (HANGING_LATEX_PRED, HANGING_GT)]
+    ]
+    try:
+        time.sleep(10)
+        assert [p.poll() for p in procs] == [None, None]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +194,10 @@ def grader():
         yield g
 
 
-def test_timeout_is_a_graded_outcome_and_the_pool_keeps_working(grader):
+@pytest.mark.parametrize("pred", [HANGING_PRED, HANGING_LATEX_PRED])
+def test_timeout_is_a_graded_outcome_and_the_pool_keeps_working(grader, pred):
     start = time.monotonic()
-    result = grader.submit(HANGING_PRED, HANGING_GT).result(timeout=30)
+    result = grader.submit(pred, HANGING_GT).result(timeout=30)
     elapsed = time.monotonic() - start
     assert result.status == "timeout" and not result.correct
     assert elapsed < 1.5 + 5.0  # timeout + generous slack; never the minutes sympy would take
