@@ -62,12 +62,32 @@ class ClientOptions:
     """How long compute_score waits for more concurrent calls before sending a batch."""
     max_batch: int = 256
     """Items per /v1/score request."""
+    w_brier: float | None = None
+    """Per-request reward weights and protocol (None = the server's defaults), as in
+    ``vlcal_verl.rewards.compute_score``'s reward_kwargs."""
+    w_fmt: float | None = None
+    w_vis: float | None = None
+    protocol: str | None = None
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> ClientOptions:
-        """Pick the known option names out of ``kwargs`` (verl passes other keys too)."""
-        known = {k: kwargs[k] for k in cls.__dataclass_fields__ if kwargs.get(k) is not None}
-        return cls(**known)
+        """Options from verl's ``reward_kwargs``; verl's own extra keys are ignored, typos are an error."""
+        unknown = set(kwargs) - set(cls.__dataclass_fields__) - _VERL_EXTRA_KWARGS
+        if unknown:
+            raise ValueError(
+                f"unknown reward_kwargs {sorted(unknown)} for reward_server.client; "
+                f"accepted: {sorted(cls.__dataclass_fields__)}"
+            )
+        return cls(**{k: v for k, v in kwargs.items() if k in cls.__dataclass_fields__ and v is not None})
+
+    def weights(self) -> dict[str, Any] | None:
+        chosen = {k: getattr(self, k) for k in ("w_brier", "w_fmt", "w_vis", "protocol")}
+        chosen = {k: v for k, v in chosen.items() if v is not None}
+        return chosen or None
+
+
+# keyword arguments verl's naive reward manager adds when a reward model is configured (not ours)
+_VERL_EXTRA_KWARGS = frozenset({"reward_router_address", "reward_model_tokenizer"})
 
 
 def retry_delay(attempt: int, options: ClientOptions, retry_after: str | None = None) -> float:
@@ -227,7 +247,7 @@ class _Batcher:
 
     async def _send(self, batch: list[tuple[dict[str, Any], asyncio.Future]]) -> None:
         try:
-            results = await self.client.score([item for item, _ in batch])
+            results = await self.client.score([item for item, _ in batch], self.options.weights())
         except Exception as err:
             for _, future in batch:
                 if not future.done():
@@ -288,7 +308,7 @@ async def compute_score_batch_async(
     ]
     client = _batcher(options).client
     chunks = [items[i : i + options.max_batch] for i in range(0, len(items), options.max_batch)]
-    results = await asyncio.gather(*(client.score(chunk) for chunk in chunks))
+    results = await asyncio.gather(*(client.score(chunk, options.weights()) for chunk in chunks))
     return [to_reward_dict(r) for chunk in results for r in chunk]
 
 
@@ -311,7 +331,9 @@ def compute_score_batch(
     out: list[dict[str, Any]] = []
     with httpx.Client(base_url=options.server_url, timeout=options.timeout_s) as http:
         for i in range(0, len(items), options.max_batch):
-            payload = {"items": items[i : i + options.max_batch]}
+            payload: dict[str, Any] = {"items": items[i : i + options.max_batch]}
+            if options.weights():
+                payload["weights"] = options.weights()
             out.extend(to_reward_dict(r) for r in _post_sync(http, "/v1/score", payload, options)["results"])
     return out
 

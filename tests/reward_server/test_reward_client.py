@@ -60,9 +60,12 @@ def test_async_compute_score_matches_in_process_in_one_request(server):
 @pytest.mark.integration
 def test_batch_variants_match_in_process(server):
     columns = [list(c) for c in zip(*CASES, strict=True)]
-    want = [rewards.compute_score(*case) for case in CASES]
-    sync = client.compute_score_batch(*columns, server_url=server.url, max_batch=2, **FAST)
-    together = asyncio.run(client.compute_score_batch_async(*columns, server_url=server.url, **FAST))
+    weights = {"w_brier": 1.0, "w_fmt": 0.1}
+    want = [rewards.compute_score(*case, **weights) for case in CASES]
+    sync = client.compute_score_batch(*columns, server_url=server.url, max_batch=2, **weights, **FAST)
+    together = asyncio.run(
+        client.compute_score_batch_async(*columns, server_url=server.url, **weights, **FAST)
+    )
     for a, b, w in zip(sync, together, want, strict=True):
         assert a == pytest.approx(w) and b == pytest.approx(w)
 
@@ -172,7 +175,10 @@ def test_unscorable_item_raises_and_extra_info_is_made_json_safe():
 
 def test_options_from_verl_reward_kwargs(monkeypatch):
     monkeypatch.setenv(client.ENV_URL, "http://rm:9000")
-    opts = client.ClientOptions.from_kwargs({"max_retries": 2, "reward_router_address": None, "other": 1})
+    opts = client.ClientOptions.from_kwargs({"max_retries": 2, "reward_router_address": None, "w_fmt": 0.0})
     assert opts.server_url == "http://rm:9000" and opts.max_retries == 2
+    assert opts.weights() == {"w_fmt": 0.0}
+    with pytest.raises(ValueError, match=r"unknown reward_kwargs \['server_ulr'\]"):
+        client.ClientOptions.from_kwargs({"server_ulr": "http://typo"})
     assert client.retry_delay(10, opts) <= opts.backoff_max_s
     assert client.retry_delay(0, opts, retry_after="3") >= 3.0
