@@ -161,8 +161,10 @@ def _score_reference(response: str, ground_truth: str, cfg: RewardConfig, grade:
 
 
 def _grade(answer: str | None, ground_truth: str, kind: str | None, timeout_s: float):
-    from vlcal_verl.grading import grade_with_timeout
+    from vlcal_verl.grading import grade_answer, grade_with_timeout
 
+    if answer is None:  # no boxed answer: "no_answer", decided in-process without the pool
+        return grade_answer(None, ground_truth, kind=kind)
     return grade_with_timeout(answer, ground_truth, kind=kind, timeout_s=timeout_s)
 
 
@@ -198,12 +200,20 @@ def compute_score(
 ) -> dict[str, Any]:
     """verl 0.9.1 ``custom_reward_function`` entry point → {"score": …, <REWARD_COMPONENT_KEYS>}.
 
-    Weights and protocol come from ``reward_kwargs`` (fields of :class:`RewardConfig`), e.g.::
+    Weights and protocol come from ``reward_kwargs`` (fields of :class:`RewardConfig`; any other key
+    is an error, so a typo fails the first step instead of silently using a default), e.g.::
 
-        custom_reward_function:
-          path: pkg://vlcal_verl.rewards   # or the file path of this module
-          name: compute_score
-          reward_kwargs: {w_brier: 2.0, w_fmt: 0.4, protocol: decoupled}
+        reward:
+          custom_reward_function:
+            path: pkg://vlcal_verl.rewards   # or the file path of this module
+            name: compute_score
+            reward_kwargs: {w_brier: 2.0, w_fmt: 0.4, protocol: decoupled}
+
+    The grading kind comes from ``extra_info["answer_kind"]`` (or ``extra_info["kind"]``), else auto.
+
+    >>> out = compute_score("toy", "no protocol, no answer", "4")
+    >>> out["score"], out["brier"], out["confidence"], out["parse_ok"], out["grading_status"]
+    (-2.0, -1.0, None, False, 'no_answer')
     """
     cfg = config_from_kwargs(kwargs)
     return score_response(solution_str, ground_truth, data_source, config=cfg, kind=answer_kind(extra_info))
@@ -237,8 +247,14 @@ def score_many(
 
 
 def _grade_all(grader: Any, jobs: list[tuple[str | None, str, str | None]], progress: bool) -> list:
-    futures = [grader.submit(a, gt, kind=k) for a, gt, k in jobs]
-    return [f.result() for f in _bar(futures, progress, "grading")]
+    from vlcal_verl.grading import grade_answer
+
+    # nothing to grade (no boxed answer) is decided in-process, without a round trip to the pool
+    futures = [grader.submit(a, gt, kind=k) if a is not None else None for a, gt, k in jobs]
+    return [
+        f.result() if f is not None else grade_answer(None, gt, kind=k)
+        for f, (_, gt, k) in _bar(list(zip(futures, jobs, strict=True)), progress, "grading")
+    ]
 
 
 def _bar(seq: list, progress: bool, desc: str):
