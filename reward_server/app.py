@@ -60,7 +60,8 @@ def create_app(settings: ServerSettings | None = None) -> Any:
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(Exception, internal_error_handler)
-    _add_routes(app, settings, metrics, service)
+    _add_scoring_routes(app, settings, service)
+    _add_ops_routes(app, settings, metrics, service)
     wrapped = BodyLimitMiddleware(app, settings.max_body_bytes)
     outer = MetricsMiddleware(wrapped, metrics, ROUTES)
     outer.fastapi = app  # type: ignore[attr-defined]  # reachable for tests and introspection
@@ -109,9 +110,7 @@ def _reward_info(cfg: RewardConfig) -> schemas.RewardInfo:
     )
 
 
-def _add_routes(
-    app: FastAPI, settings: ServerSettings, metrics: ServerMetrics, service: ScoringService
-) -> None:
+def _add_scoring_routes(app: FastAPI, settings: ServerSettings, service: ScoringService) -> None:
     @app.post("/v1/score", response_model=schemas.ScoreResponse)
     async def score(request: schemas.ScoreRequest) -> schemas.ScoreResponse:
         start = time.perf_counter()
@@ -142,6 +141,10 @@ def _add_routes(
         _check_items(settings, len(request.samples), "samples")
         return await asyncio.to_thread(visual.visual_labels, request)
 
+
+def _add_ops_routes(
+    app: FastAPI, settings: ServerSettings, metrics: ServerMetrics, service: ScoringService
+) -> None:
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": reward_server.__version__}
