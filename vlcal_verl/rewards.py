@@ -181,12 +181,21 @@ def config_from_kwargs(kwargs: dict[str, Any]) -> RewardConfig:
 
 
 def answer_kind(extra_info: dict | None) -> str | None:
-    """The grading kind of a sample from ``extra_info['answer_kind']`` (or ``['kind']``); None = auto."""
+    """The grading kind of a sample from ``extra_info['answer_kind']`` (or ``['kind']``).
+
+    Only the kinds the grader knows ("math", "multiple_choice", "yes_no") are returned; anything else
+    (missing, None, "free_form", …) means auto-detection from the ground truth (None).
+
+    >>> answer_kind({"answer_kind": "multiple_choice"}), answer_kind({"kind": "caption"}), answer_kind(None)
+    ('multiple_choice', None, None)
+    """
+    from vlcal_verl.grading import KINDS
+
     if not isinstance(extra_info, dict):
         return None
     for key in _KIND_KEYS:
         value = extra_info.get(key)
-        if isinstance(value, str) and value:
+        if value in KINDS:
             return value
     return None
 

@@ -95,6 +95,10 @@ def test_rlcr_and_parity_flags(tmp_path):
         ),
         ('{"response": "r", "ground_truth": "1", "data_source": 3}', "line 2: field 'data_source' must be"),
         ('["a", "b"]', "line 2: expected a JSON object, got list"),
+        (
+            '{"response": "r", "ground_truth": "1", "answer_kind": "essay"}',
+            "line 2: field 'answer_kind' must be",
+        ),
     ],
 )
 def test_malformed_input_names_line_and_field(tmp_path, capsys, line, message):

@@ -157,6 +157,8 @@ def test_compute_score_verl_signature(monkeypatch):
     assert seen == {"answer": "2", "ground_truth": "2", "kind": "math", "timeout_s": 2.0}
     compute_score("virl", resp(), 7, None)
     assert seen["ground_truth"] == "7" and seen["kind"] is None
+    compute_score("virl", resp(), "7", {"answer_kind": "free_form"})  # unknown kind → auto
+    assert seen["kind"] is None
     with pytest.raises(ValueError, match="w_brie"):
         compute_score("virl", resp(), "2", None, w_brie=1.0)
 

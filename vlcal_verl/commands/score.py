@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 EXIT_BAD_INPUT = 2
+_KINDS = ("math", "multiple_choice", "yes_no")  # vlcal_verl.grading.KINDS, without importing it here
 
 
 class InputError(ValueError):
@@ -74,6 +75,11 @@ def _validate(record: Any, path: Path, lineno: int) -> dict[str, Any]:
         value = record.get(field)
         if value is not None and not isinstance(value, str):
             raise InputError(f"{where}: field {field!r} must be a string, got {_kind(value)}")
+    kind = record.get("answer_kind")
+    if kind is not None and kind not in _KINDS:
+        raise InputError(
+            f"{where}: field 'answer_kind' must be one of {', '.join(_KINDS)} or null, got {kind!r}"
+        )
     return record
 
 
