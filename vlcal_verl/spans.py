@@ -201,7 +201,9 @@ def vision_token_spans(
     stop_ids: Collection[int] | None = None,
 ) -> list[tuple[int, int] | None]:
     """:func:`vision_token_span` for each row of a batch (list of id lists or a [B, L] tensor)."""
-    rows = batch_ids.tolist() if hasattr(batch_ids, "tolist") else batch_ids
+    if hasattr(batch_ids, "detach"):  # torch [B, L] → numpy once; rows are then 1-D arrays
+        batch_ids = batch_ids.detach().cpu().numpy()
+    rows = list(batch_ids) if isinstance(batch_ids, np.ndarray) else batch_ids
     return [vision_token_span(row, tokenizer, stop_ids) for row in rows]
 
 

@@ -242,6 +242,11 @@ def test_batch_and_mask(tok):
     batch = [tok.encode(t, add_special_tokens=False) for t in texts]
     spans = vision_token_spans(batch, tok)
     assert spans[1] is None and spans[2] is None and spans[0] is not None
+    import torch
+
+    width = max(map(len, batch))
+    padded = torch.tensor([row + [PAD] * (width - len(row)) for row in batch])
+    assert vision_token_spans(padded, tok, stop_ids=[PAD]) == spans
     mask = span_mask(spans, 8)
     assert mask.shape == (3, 8) and mask.dtype.is_floating_point is False
     s, e = spans[0]
