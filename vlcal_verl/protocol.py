@@ -156,22 +156,22 @@ class _Tags:
     """Positions of every protocol tag in a text, for earliest-after lookups in O(log n)."""
 
     def __init__(self, text: str) -> None:
-        self.starts: dict[tuple[str, bool], list[int]] = {}
-        self.ends: dict[tuple[str, bool], list[int]] = {}
+        # key "/think" for </think>, "think" for <think> → ([starts], [ends])
+        self.found: dict[str, tuple[list[int], list[int]]] = {}
         for m in _TAG_RE.finditer(text):
-            key = (m.group(2), m.group(1) == "/")
-            self.starts.setdefault(key, []).append(m.start())
-            self.ends.setdefault(key, []).append(m.end())
+            slash, name = m.groups()
+            starts, ends = self.found.setdefault(slash + name, ([], []))
+            starts.append(m.start())
+            ends.append(m.end())
 
     def find(self, name: str, closing: bool, pos: int) -> tuple[int, int] | None:
         """(start, end) of the first ``<name>`` (or ``</name>``) starting at or after ``pos``."""
-        starts = self.starts.get((name, closing))
-        if not starts:
+        found = self.found.get("/" + name if closing else name)
+        if found is None:
             return None
+        starts, ends = found
         i = bisect.bisect_left(starts, pos)
-        if i == len(starts):
-            return None
-        return starts[i], self.ends[(name, closing)][i]
+        return (starts[i], ends[i]) if i < len(starts) else None
 
 
 def _block(tags: _Tags, text: str, name: str, pos: int) -> tuple[str | None, int, int, int]:
