@@ -255,7 +255,6 @@ def _strip(s: str | None) -> str | None:
 
 def _structure_failure(tags: _Tags, text: str, protocol: str, conf_start: int) -> str | None:
     """First element of the protocol layout that is missing (in order), or None."""
-    pos = 0
     think = tags.find("think", False, 0)
     if think is None:
         return "missing <think>"
