@@ -151,7 +151,7 @@ def _forward_inputs(model: Any, batch: Mapping[str, Any], n_cols: int, pixel_val
     }
     if batch.get("position_ids") is not None:
         inputs["position_ids"] = batch["position_ids"][..., :n_cols]
-    if "mm_token_type_ids" in inspect.signature(model.model.forward).parameters:
+    if "mm_token_type_ids" in inspect.signature(type(model.model).forward).parameters:
         mm = batch.get("mm_token_type_ids")
         if mm is None:  # 1 = image token, 2 = video token (what Qwen-VL processors return)
             cfg = model.config
