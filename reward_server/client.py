@@ -248,7 +248,9 @@ class _Batcher:
     async def _send(self, batch: list[tuple[dict[str, Any], asyncio.Future]]) -> None:
         try:
             results = await self.client.score([item for item, _ in batch], self.options.weights())
-        except Exception as err:
+            if len(results) != len(batch):
+                raise RewardServerError(f"server returned {len(results)} results for {len(batch)} items")
+        except Exception as err:  # every waiting call gets the error, none hangs
             for _, future in batch:
                 if not future.done():
                     future.set_exception(err)
@@ -279,9 +281,9 @@ async def compute_score(
     """verl ``custom_reward_function``: {"score": R, accuracy, format, brier, confidence, ...} from the server.
 
     ``kwargs`` may carry :class:`ClientOptions` fields (``server_url``, ``timeout_s``, ``max_retries``,
-    ...) from ``reward.custom_reward_function.reward_kwargs``; other keys verl adds are ignored.
-
-    >>> # in verl: reward.custom_reward_function.path=pkg://reward_server.client
+    ...) and the reward weights from ``reward.custom_reward_function.reward_kwargs``; verl's own extra
+    keys are ignored, unknown keys raise ValueError. Raises RewardServerError when the server refuses
+    the request (4xx), keeps failing after the retries, or cannot score this item.
     """
     options = ClientOptions.from_kwargs(kwargs)
     uid = (extra_info or {}).get("index", "item") if isinstance(extra_info, dict) else "item"
