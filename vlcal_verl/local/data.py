@@ -1,0 +1,150 @@
+"""Demo data: easy-vqa prompts in the decoupled protocol, and the warm start's templated targets.
+
+A random tiny model never writes the protocol, so GRPO would see equal rewards and zero advantages.
+The warm start (``warm_start.py``) therefore trains on *protocol-formatted targets built from the data*:
+
+    <think><vision>The image shows a blue rectangle.</vision><reasoning>…so the answer is no.</reasoning></think>
+    \\boxed{no}
+    <analysis>…</analysis>
+    <confidence><vision_confidence>c_v</vision_confidence><reasoning_confidence>c_r</reasoning_confidence></confidence>
+
+- z_vis is *true*: the shape's colour and kind are read off the image pixels (easy-vqa draws one shape of
+  a fixed palette colour on a light background; the fill ratio of its bounding box separates triangles
+  ≈0.57, circles ≈0.80 and rectangles ≈1.0), so the vision span describes the picture, not the question.
+- z_reas is a one-line deduction from z_vis to the answer (also for the negated yes/no questions).
+- c_v and c_r are *uninformative*: independent integers drawn uniformly from ``CONFIDENCE_RANGE``, seeded
+  per target. The warm start thus teaches the format and a spread-out confidence prior (so sampling at
+  temperature 1 explores different confidences), but no calibration: which confidence goes with which
+  question is left for the RL rewards (Brier on Φ, visual term on c_v) to teach.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# easy-vqa's palette (RGB) — measured from the package's images
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "black": (0, 0, 0),
+    "gray": (128, 128, 128),
+    "teal": (0, 128, 128),
+    "brown": (165, 42, 42),
+    "yellow": (255, 255, 0),
+}
+SHAPES = ("circle", "rectangle", "triangle")
+CONFIDENCE_RANGE = (2, 9)
+"""Inclusive range of the warm start's random confidence targets (0..10 scale)."""
+
+_COLOR = "|".join(PALETTE)
+_SHAPE = "|".join(SHAPES)
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the image shows: the shape's palette colour and kind (None when unreadable, e.g. blank)."""
+
+    color: str | None
+    shape: str | None
+
+    def describe(self) -> str:
+        """The templated z_vis, e.g. 'The image shows a blue rectangle.'"""
+        if self.color is None and self.shape is None:
+            return "The image shows no shape."
+        return f"The image shows a {self.color or ''} {self.shape or 'shape'}.".replace("  ", " ")
+
+
+def image_facts(image: Any) -> ImageFacts:
+    """Read (colour, shape) off an easy-vqa image (PIL); background = the corner pixels' colour."""
+    arr = np.asarray(image.convert("RGB")).astype(np.int32)
+    corners = np.stack([arr[0, 0], arr[0, -1], arr[-1, 0], arr[-1, -1]])
+    bg = np.median(corners, axis=0)
+    fg = np.abs(arr - bg).sum(-1) > 60
+    if fg.sum() < 8:
+        return ImageFacts(None, None)
+    pixels = Counter(map(tuple, arr[fg].tolist())).most_common(1)[0][0]
+    color = min(PALETTE, key=lambda c: sum((a - b) ** 2 for a, b in zip(PALETTE[c], pixels, strict=True)))
+    ys, xs = np.nonzero(fg)
+    fill = fg.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    shape = "triangle" if fill < 0.68 else "circle" if fill < 0.93 else "rectangle"
+    return ImageFacts(color, shape)
+
+
+def reasoning_for(question: str, answer: str, facts: ImageFacts) -> str:
+    """The templated z_reas: one deduction from z_vis to the (ground-truth) answer."""
+    q = question.lower()
+    negated = bool(re.search(r"\bnot\b|\bno\b", q))
+    asked_color = re.search(rf"\b({_COLOR})\b", q)
+    asked_shape = re.search(rf"\b({_SHAPE})\b", q)
+    if answer in ("yes", "no"):
+        thing = (
+            f"a {asked_color.group(1)} shape"
+            if asked_color
+            else f"a {asked_shape.group(1) if asked_shape else 'shape'}"
+        )
+        present = (answer == "yes") != negated
+        there = "is there" if present else "is not there"
+        ask = "if it is not" if negated else "if it is"
+        return f"{thing.capitalize()} {there}; the question asks {ask}, so the answer is {answer}."
+    if answer in PALETTE:
+        return f"The shape is {answer}, so its color is {answer}."
+    return f"The shape is a {answer}, so the answer is {answer}."
+
+
+def analysis_for(c_v: int, c_r: int) -> str:
+    """The templated analysis, worded after the target confidences."""
+    see = "clear" if c_v >= 6 else "unclear"
+    step = "simple" if c_r >= 6 else "unsure"
+    return f"The shape looks {see}; the step is {step}."
+
+
+def warm_start_target(question: str, answer: str, facts: ImageFacts, rng: random.Random) -> str:
+    """A full protocol-formatted response for one (question, answer, image) with random c_v, c_r."""
+    c_v = rng.randint(*CONFIDENCE_RANGE)
+    c_r = rng.randint(*CONFIDENCE_RANGE)
+    return (
+        f"<think><vision>{facts.describe()}</vision>"
+        f"<reasoning>{reasoning_for(question, answer, facts)}</reasoning></think>\n"
+        f"\\boxed{{{answer}}}\n"
+        f"<analysis>{analysis_for(c_v, c_r)}</analysis>\n"
+        f"<confidence><vision_confidence>{c_v}</vision_confidence>"
+        f"<reasoning_confidence>{c_r}</reasoning_confidence></confidence>"
+    )
+
+
+@dataclass
+class DemoData:
+    """Train items, held-out items and their unanswerable (blank-image) copies."""
+
+    train: list[Any]
+    eval: list[Any]
+    unanswerable: list[Any]
+
+
+def load_demo_data(train_size: int, eval_size: int, seed: int) -> DemoData:
+    """Load easy-vqa through ``vlcal_verl.data.easy_vqa`` (train split for RL, test split held out)."""
+    from vlcal_verl.data.easy_vqa import load_easy_vqa
+
+    train = load_easy_vqa("train", limit=train_size, seed=seed)
+    held = load_easy_vqa("test", limit=eval_size, seed=seed) if eval_size else []
+    blank = load_easy_vqa("test", limit=eval_size, seed=seed, unanswerable=True) if eval_size else []
+    return DemoData(train=list(train), eval=list(held), unanswerable=list(blank))
+
+
+def user_message(question: str, protocol: str = "decoupled") -> list[dict[str, Any]]:
+    """The chat messages of one prompt: an image then the protocol instruction (``protocol.build_prompt``)."""
+    from vlcal_verl.protocol import build_prompt
+
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": build_prompt(question, protocol)}],
+        }
+    ]

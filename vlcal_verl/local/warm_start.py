@@ -1,0 +1,81 @@
+"""Supervised warm start on protocol-formatted targets (see ``data.py`` for what the targets teach).
+
+Teacher forcing on ``prompt ⊕ target ⊕ <|im_end|>``: cross-entropy on the target tokens only, AdamW,
+gradient clipping, a cosine-free constant learning rate (the phase is a few dozen steps). Batches are
+drawn in a seeded order, so the phase is reproducible; its output is the RL phase's initial policy and
+(when ``local.kl_coef > 0``) the frozen reference.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from vlcal_verl.local.data import image_facts, user_message, warm_start_target
+from vlcal_verl.local.rollout import encode_prompts, response_logprobs, special_ids
+
+
+def target_batch(tokenizer, targets: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenise targets (+ <|im_end|>) → (ids, mask) [batch, target_len], right-padded."""
+    eos, pad, _ = special_ids(tokenizer)
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in targets]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def build_targets(items: list[Any], seed: int, protocol: str = "decoupled") -> list[tuple[Any, str]]:
+    """(item, target text) for every item; confidences drawn from a per-item seeded RNG."""
+    out = []
+    for i, item in enumerate(items):
+        rng = random.Random(f"{seed}:{i}:{item.uid}")
+        out.append((item, warm_start_target(item.question, item.answer, image_facts(item.image), rng)))
+    return out
+
+
+def warm_start(
+    model,
+    processor,
+    items: list[Any],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    grad_clip: float,
+    seed: int,
+    log=None,
+) -> list[float]:
+    """Run ``steps`` supervised steps in place on ``model``; return the per-step losses."""
+    if steps <= 0:
+        return []
+    pairs = build_targets(items, seed)
+    order = random.Random(seed).sample(range(len(pairs)), len(pairs))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    model.train()
+    losses: list[float] = []
+    for step in tqdm(range(steps), desc="warm start", unit="step"):
+        idx = [order[(step * batch_size + j) % len(order)] for j in range(batch_size)]
+        batch = [pairs[i] for i in idx]
+        prompt = encode_prompts(
+            processor, [user_message(it.question) for it, _ in batch], [it.image for it, _ in batch]
+        )
+        ids, mask = target_batch(processor.tokenizer, [t for _, t in batch])
+        logp = response_logprobs(model, prompt, ids, mask)
+        loss = -(logp * mask).sum() / mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if log is not None:
+            log({"warm_start/loss": losses[-1]}, step)
+    model.eval()
+    return losses
