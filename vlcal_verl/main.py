@@ -1,0 +1,176 @@
+"""``python -m vlcal_verl.main``: VL-Calibration GRPO on verl 0.9.1 (the production entry point).
+
+A thin layer over verl's own entry (the verl-recipe pattern): the Hydra config composes verl's
+``ppo_trainer`` with the typed ``vlcal:`` block (``vlcal_verl/config/vlcal_trainer.yaml``), the config is
+checked exactly as ``verl.trainer.main_ppo.main`` checks it (``auto_set_device`` + ``validate_config``)
+plus the vlcal checks, and verl's ``run_ppo`` starts Ray and the task runner. The only swap: the task
+runner maps verl's ``sync`` trainer mode to ``VLCalTrainer`` (registered as ``"vlcal"`` by the plugin)
+inside its own Ray actor — verl 0.9.1's ``TaskRunnerV1.run`` picks the trainer class from
+``TRAINER_REGISTRY[trainer.v1.trainer_mode]`` and ``"sync"`` is also a mode verl checks by name.
+
+``--check`` (first argument) composes and validates the config, prints a summary and exits 0 — no Ray,
+no GPU: CI and ``launch/submit.sh --check`` use it. Recipes: ``--config-path <abs dir> --config-name
+<recipe>`` (see recipes/README.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from vlcal_verl.config import VLCalConfig
+
+UNSUPPORTED_MODEL_TYPES = {
+    "internvl": "verl 0.9.1 has no InternVL support (no engine/rollout path for InternVL3.5); "
+    "this recipe waits for its own issue — use the local engine (`vlcal train`) or a Qwen-VL recipe",
+    "internvl_chat": "verl 0.9.1 has no InternVL support (see recipes/README.md)",
+}
+
+
+def vlcal_config(config: DictConfig) -> VLCalConfig:
+    """Typed, validated ``vlcal:`` block (unknown keys and invalid combinations name the field)."""
+    block = config.get("vlcal")
+    if block is None:
+        raise ValueError("config has no `vlcal:` block (compose vlcal_trainer)")
+    return VLCalConfig.from_dict(OmegaConf.to_container(block, resolve=True))
+
+
+def wire_reward(config: DictConfig, vcfg: VLCalConfig) -> None:
+    """In-process ``vlcal_verl.rewards.compute_score`` by default; the reward server's client when
+    ``vlcal.reward_server_url`` is set. Weights/protocol always come from ``vlcal.reward``."""
+    crf = config.reward.custom_reward_function
+    kwargs = dict(OmegaConf.to_container(config.vlcal.reward, resolve=True))
+    with open_dict(config):
+        if vcfg.reward_server_url:
+            crf.path, crf.name = "pkg://reward_server.client", "compute_score"
+            kwargs["server_url"] = vcfg.reward_server_url
+        crf.reward_kwargs = kwargs
+
+
+def check_model_supported(config: DictConfig) -> None:
+    """Refuse model families verl 0.9.1 cannot train, before any GPU work (clear message)."""
+    family = str(config.get("vlcal_model_family") or "").lower()
+    path = str(config.actor_rollout_ref.model.get("path") or "").lower()
+    for key, why in UNSUPPORTED_MODEL_TYPES.items():
+        if family == key or (key == "internvl" and "internvl" in path):
+            raise NotImplementedError(f"{path or family}: {why}")
+
+
+def check_vlcal_vs_verl(config: DictConfig, vcfg: VLCalConfig) -> None:
+    """vlcal needs verl's V1 sync trainer and, with VCE, a logits-reading, non-SP actor."""
+    if not config.trainer.use_v1 or config.trainer.v1.trainer_mode != "sync":
+        raise ValueError(
+            "vlcal needs trainer.use_v1=true and trainer.v1.trainer_mode=sync "
+            f"(got use_v1={config.trainer.use_v1}, trainer_mode={config.trainer.v1.trainer_mode})"
+        )
+    if config.algorithm.adv_estimator != "grpo":
+        raise ValueError(
+            f"vlcal is GRPO: algorithm.adv_estimator must be 'grpo', got {config.algorithm.adv_estimator!r}"
+        )
+    if vcfg.vce.enabled:
+        actor = config.actor_rollout_ref.actor
+        if int(actor.get("ulysses_sequence_parallel_size", 1)) != 1:
+            raise ValueError("vlcal.vce needs actor_rollout_ref.actor.ulysses_sequence_parallel_size=1")
+        if bool(config.actor_rollout_ref.model.get("use_fused_kernels", False)):
+            raise ValueError(
+                "vlcal.vce needs actor_rollout_ref.model.use_fused_kernels=false (it reads logits)"
+            )
+        if actor.strategy not in ("fsdp", "fsdp2"):
+            raise ValueError(f"vlcal.vce runs through verl's FSDP engine; actor.strategy={actor.strategy!r}")
+
+
+def prepare(config: DictConfig) -> VLCalConfig:
+    """Everything verl's ``main`` checks before Ray starts, plus the vlcal checks. Mutates ``config``."""
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+    from verl.utils.device import auto_set_device
+
+    vcfg = vlcal_config(config)
+    check_model_supported(config)
+    check_vlcal_vs_verl(config, vcfg)
+    wire_reward(config, vcfg)
+    auto_set_device(config)
+    validate_config(
+        config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config)
+    )
+    return vcfg
+
+
+@contextlib.contextmanager
+def sync_mode_runs(trainer_cls: type) -> Iterator[None]:
+    """Inside this process, ``get_trainer_cls("sync")`` returns ``trainer_cls`` (restored on exit)."""
+    from verl.trainer.ppo.v1 import trainer_base
+
+    previous = trainer_base.TRAINER_REGISTRY["sync"]
+    trainer_base.TRAINER_REGISTRY["sync"] = trainer_cls
+    try:
+        yield
+    finally:
+        trainer_base.TRAINER_REGISTRY["sync"] = previous
+
+
+def _task_runner() -> Any:
+    import ray
+    from verl.trainer.main_ppo import TaskRunnerV1
+
+    class VLCalTaskRunner(TaskRunnerV1.__ray_actor_class__):
+        """verl's V1 task runner; its ``sync`` trainer is ``VLCalTrainer`` in this actor process."""
+
+        def run(self, config: DictConfig):
+            from verl.trainer.ppo.v1 import get_trainer_cls
+
+            from vlcal_verl.verl_ext.plugin import register
+
+            with sync_mode_runs(get_trainer_cls(register())):
+                return super().run(config)
+
+    return ray.remote(VLCalTaskRunner)
+
+
+def summary(config: DictConfig, vcfg: VLCalConfig) -> str:
+    t, r, d = config.trainer, config.actor_rollout_ref.rollout, config.data
+    ablation = (
+        "rlcr"
+        if vcfg.reward.protocol == "rlcr"
+        else (
+            "decoupled"
+            if not vcfg.vce.enabled
+            else f"vce_{vcfg.vce.signal}" + ("+tar" if vcfg.tar.enabled else "")
+        )
+    )
+    return (
+        f"[vlcal] config OK: model={config.actor_rollout_ref.model.path} variant={ablation} "
+        f"nodes={t.nnodes}x{t.n_gpus_per_node}GPU batch={d.train_batch_size}x{r.n} "
+        f"reward={config.reward.custom_reward_function.path} ckpt={t.default_local_dir}"
+    )
+
+
+@hydra.main(config_path="config", config_name="vlcal_trainer", version_base=None)
+def _hydra_main(config: DictConfig) -> None:
+    vcfg = prepare(config)
+    print(summary(config, vcfg), flush=True)
+    if os.environ.get("VLCAL_CHECK_ONLY") == "1":
+        return
+    from verl.trainer.main_ppo import run_ppo
+
+    run_ppo(config, task_runner_class=_task_runner())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m vlcal_verl.main [--check] [hydra args]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--check" in argv:
+        argv.remove("--check")
+        os.environ["VLCAL_CHECK_ONLY"] = "1"
+    sys.argv = [sys.argv[0], *argv]
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

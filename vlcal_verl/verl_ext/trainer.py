@@ -1,0 +1,192 @@
+"""``VLCalTrainer``: verl 0.9.1's V1 synchronous PPO trainer plus the VL-Calibration steps.
+
+It subclasses :class:`verl.trainer.ppo.v1.PPOTrainerSync` and overrides step hooks only — ``fit`` and
+``_step_once`` stay verl's (DESIGN.md §5):
+
+- ``_init_resource_pool_mgr``: the actor role runs :class:`VLCalActorRolloutRefWorker` (adds
+  ``compute_vce``) instead of verl's ``ActorRolloutRefWorker``;
+- ``_compute_old_log_prob``: after verl's old log-probs, log calibration metrics from the reward
+  components, then (VCE on) find the vision spans on the response ids, run ``compute_vce`` on the actor
+  mesh, compute S̃_vis over the global batch and add w_vis·(−(c_v − S̃_vis)²) to ``rm_scores``;
+- ``_compute_advantage``: after verl's GRPO advantages, apply TAR.
+
+The rollout batch lives in TransferQueue; the methods here only move fields in and out of it and call
+the pure functions of :mod:`vlcal_verl.verl_ext.batch`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Any
+
+import ray
+import torch
+import transfer_queue as tq
+from omegaconf import OmegaConf
+from tensordict import TensorDict
+from verl.trainer.ppo.utils import Role
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+from verl.utils.debug import marked_timer
+from verl.workers.utils.padding import response_to_nested
+
+from vlcal_verl.config import VLCalConfig
+from vlcal_verl.spans import vision_token_spans
+from vlcal_verl.verl_ext.batch import (
+    calibration_step_metrics,
+    span_mask_from_tensor,
+    spans_to_tensor,
+    tar_step,
+    visual_reward_step,
+)
+from vlcal_verl.verl_ext.vce_engine import SPAN_FIELD
+
+VCE_FIELDS = ("vce_kl", "vce_entropy")
+"""TransferQueue fields written by ``compute_vce``: per-token KL_t and H_t, response-aligned."""
+_ACTOR_ROLES = (Role.Actor, Role.ActorRollout, Role.ActorRolloutRef)
+
+
+def vlcal_config_from(config: Any) -> VLCalConfig:
+    """The validated ``vlcal:`` block of a Hydra/OmegaConf config (unknown keys are an error)."""
+    block = config.get("vlcal") if hasattr(config, "get") else None
+    raw = OmegaConf.to_container(block, resolve=True) if block is not None else {}
+    return VLCalConfig.from_dict(raw)
+
+
+def _padded(nested: torch.Tensor, pad: float = 0.0) -> torch.Tensor:
+    return nested.to_padded_tensor(pad) if nested.is_nested else nested
+
+
+def _reward_infos(extra_fields: Any) -> list[dict]:
+    """Per-sample reward components (verl's ``extra_fields["reward_extra_info"]``)."""
+    out = []
+    for ef in list(extra_fields):
+        ef = getattr(ef, "data", ef)
+        info = ef.get("reward_extra_info", {}) if isinstance(ef, dict) else {}
+        out.append(dict(info or {}))
+    return out
+
+
+class VLCalTrainer(PPOTrainerSync):
+    """V1 sync PPO trainer with VCE visual rewards and TAR (see module docstring)."""
+
+    def __init__(self, config):
+        self.vlcal = vlcal_config_from(config)
+        super().__init__(config)
+
+    # ------------------------------------------------------------------ wiring
+    def _init_resource_pool_mgr(self):
+        super()._init_resource_pool_mgr()
+        from vlcal_verl.verl_ext.worker import VLCalActorRolloutRefWorker
+
+        for role in _ACTOR_ROLES:
+            if role in self.role_worker_mapping:
+                self.role_worker_mapping[role] = ray.remote(VLCalActorRolloutRefWorker)
+
+    # ------------------------------------------------------------------ hooks
+    def _compute_old_log_prob(self, batch, metrics: dict):
+        batch = super()._compute_old_log_prob(batch, metrics)
+        self._vlcal_calibration_metrics(batch, metrics)
+        if self.vlcal.vce.enabled:
+            timing = getattr(self, "timing_raw", {})
+            with marked_timer("vce", timing, color="purple"):
+                batch = self._vlcal_visual_reward(batch, metrics)
+        return batch
+
+    def _compute_advantage(self, batch, metrics: dict):
+        batch = super()._compute_advantage(batch, metrics)
+        if self.vlcal.tar.enabled:
+            batch = self._vlcal_tar(batch, metrics)
+        return batch
+
+    # ------------------------------------------------------------------ steps
+    @staticmethod
+    def _valid_rows(batch) -> torch.Tensor:
+        return torch.tensor([not tag.get("is_padding", False) for tag in batch.tags], dtype=torch.bool)
+
+    def _vlcal_calibration_metrics(self, batch, metrics: dict) -> None:
+        data = tq.kv_batch_get(
+            keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"]
+        )
+        valid = self._valid_rows(batch).tolist()
+        infos = [i for i, ok in zip(_reward_infos(data["extra_fields"]), valid, strict=True) if ok]
+        metrics.update(calibration_step_metrics(infos))
+
+    def _vlcal_visual_reward(self, batch, metrics: dict):
+        """Spans → ``compute_vce`` on the actor mesh → S̃_vis over the batch → visual term into ``rm_scores``."""
+        t0 = time.perf_counter()
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["responses"])
+        responses = [r.cpu().numpy() for r in data["responses"].unbind()]
+        spans = spans_to_tensor(vision_token_spans(responses, self.tokenizer))
+        tq.kv_batch_put(
+            keys=batch.keys,
+            partition_id=batch.partition_id,
+            fields=TensorDict({SPAN_FIELD: spans}, batch_size=len(batch)),
+        )
+
+        batch.extra_info.update(
+            {
+                "vlcal_vce": asdict(self.vlcal.vce),
+                "temperature": self.config.actor_rollout_ref.rollout.temperature,
+            }
+        )
+        try:
+            output = self.actor_rollout_wg.compute_vce(batch)
+            assert len(output) == len(batch)
+        finally:
+            batch.extra_info.pop("vlcal_vce", None)
+
+        fields = ["rm_scores", "response_mask", "extra_fields", *VCE_FIELDS]
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        response_mask_nt = data["response_mask"]
+        response_mask = _padded(response_mask_nt)
+        kl, ent = _padded(data["vce_kl"]).float(), _padded(data["vce_entropy"]).float()
+        span_mask = span_mask_from_tensor(spans, response_mask)
+        c_v = [i.get("vision_confidence") for i in _reward_infos(data["extra_fields"])]
+        new_scores, _, vce_metrics = visual_reward_step(
+            _padded(data["rm_scores"]).float(),
+            response_mask,
+            c_v,
+            kl,
+            ent,
+            span_mask,
+            w_vis=self.vlcal.reward.w_vis,
+            vce_cfg=self.vlcal.vce,
+            valid=self._valid_rows(batch),
+        )
+        tq.kv_batch_put(
+            keys=batch.keys,
+            partition_id=batch.partition_id,
+            fields=TensorDict(
+                {"rm_scores": response_to_nested(new_scores, response_mask_nt)}, batch_size=len(batch)
+            ),
+        )
+        metrics.update(vce_metrics)
+        metrics["vce/time_s"] = time.perf_counter() - t0
+        return batch
+
+    def _vlcal_tar(self, batch, metrics: dict):
+        """TAR on the advantages verl just wrote (vision-span tokens with A_t < 0)."""
+        fields = ["advantages", "response_mask", SPAN_FIELD, *VCE_FIELDS]
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        response_mask_nt = data["response_mask"]
+        response_mask = _padded(response_mask_nt)
+        span_mask = span_mask_from_tensor(data[SPAN_FIELD].cpu().long(), response_mask)
+        new_adv, stats = tar_step(
+            _padded(data["advantages"]),
+            _padded(data["vce_kl"]).float(),
+            _padded(data["vce_entropy"]).float(),
+            span_mask,
+            response_mask,
+            self.vlcal.tar,
+            valid=self._valid_rows(batch),
+        )
+        tq.kv_batch_put(
+            keys=batch.keys,
+            partition_id=batch.partition_id,
+            fields=TensorDict(
+                {"advantages": response_to_nested(new_adv, response_mask_nt)}, batch_size=len(batch)
+            ),
+        )
+        metrics.update(stats)
+        return batch

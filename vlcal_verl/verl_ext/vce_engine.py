@@ -1,0 +1,268 @@
+"""VCE through verl 0.9.1's FSDP engine: the masked forward inside verl's own micro-batching.
+
+``compute_vce`` must run on the actor's FSDP shards (the label comes from the current policy,
+DESIGN.md §5). Rather than copying verl's forward loop, the worker hands verl's engine a prepared batch
+and swaps the engine's ``forward_step`` for :func:`vce_forward_step` for the duration of one
+``infer_batch`` call (:func:`vce_forward_installed`). verl then does what it always does — eval mode and
+parameter offload, dynamic-batch micro-batching, ``no_grad``, re-ordering the per-sample outputs — and
+each micro-batch runs two forwards of the same (truncated) sequences: original and masked image.
+
+Why this is the cheap path:
+
+- **Same micro-batch, exact KL.** Both distributions of a token exist at once, so the full-vocabulary
+  KL(p_orig ‖ p_masked) needs no stored distributions.
+- **Only the rows that matter reach the lm_head.** A forward pre-hook on the output embedding keeps
+  only the final hidden states that predict target tokens (:func:`lm_head_rows`), so no
+  [tokens × vocab] logits of the sequence exist — only [targets × vocab], then KL_t/H_t in chunks of
+  ``vocab_chunk_tokens`` rows (H3's :func:`vlcal_verl.vce.token_kl_entropy`).
+- **Truncated sequences.** The vision span opens the response, so with scope ``truncated`` every
+  sequence is cut at its span end (:func:`vce_lengths`); verl's dynamic batching packs the shorter
+  sequences into fewer micro-batches.
+
+Limits: Ulysses sequence parallel > 1 and fused kernels are refused (both change the hidden-state layout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from tensordict import NonTensorStack, TensorDict
+
+from vlcal_verl.config import VCEConfig
+from vlcal_verl.vce import token_kl_entropy
+from vlcal_verl.vce_mask import batch_cell_masks, mask_pixel_values
+
+MASKED_MM_KEY = "vce_masked_multi_modal_inputs"
+SPAN_FIELD = "vlcal_vision_span"
+"""TransferQueue field: [2] int64 (start, end) of the vision span in response tokens, (−1, −1) if none."""
+
+
+def vce_lengths(
+    prompt_lens: torch.Tensor, response_lens: torch.Tensor, spans: torch.Tensor, scope: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample: forward length and the response-token target range [t_start, t_end).
+
+    Args:
+        prompt_lens, response_lens: [B] int; spans: [B, 2] (start, end) in response tokens, −1 = none.
+        scope: 'truncated' (targets = the span; the forward stops where the logit predicting the span's
+            last token is computed: P + end − 1 tokens) or 'full' (targets = the whole response of
+            samples with a span; forward over P + R tokens).
+    Returns:
+        (seq_lens [B], t_start [B], t_end [B]); samples without a span get (P, 0, 0) — a prompt-only
+        forward, kept so every DP rank's batch stays aligned.
+    """
+    if scope not in ("truncated", "full"):
+        raise ValueError(f"vce.scope must be 'truncated' or 'full', got {scope!r}")
+    p, r = prompt_lens.long(), response_lens.long()
+    start, end = spans[:, 0].long(), spans[:, 1].long().minimum(r)
+    has = (start >= 0) & (end > start)
+    zero = torch.zeros_like(p)
+    if scope == "truncated":
+        t0, t1 = torch.where(has, start, zero), torch.where(has, end, zero)
+        lens = torch.where(has, p + t1 - 1, p)
+    else:
+        t0, t1 = zero, torch.where(has, r, zero)
+        lens = torch.where(has, p + r, p)
+    return lens.clamp_min(1), t0, t1
+
+
+def mask_multi_modal_inputs(
+    mm_inputs: Sequence[Any], mask_ids: Sequence[str], cfg: VCEConfig, black: torch.Tensor, merge_size: int
+) -> list[dict | None]:
+    """Masked copy of each sample's verl ``multi_modal_inputs`` (pixel_values rows, H3's seeded masks).
+
+    A sample's images are masked with seeds (cfg.seed, mask_ids[b], image index); samples without
+    images (None/empty dict) pass through.
+    """
+    out: list[dict | None] = []
+    for mm, mid in zip(mm_inputs, mask_ids, strict=True):
+        mm = getattr(mm, "data", mm)
+        if not mm or mm.get("pixel_values") is None:
+            out.append(mm)
+            continue
+        grid = mm["image_grid_thw"]
+        masks = batch_cell_masks(grid, [grid.shape[0]], [mid], cfg.mask_prob, cfg.seed, merge_size)
+        out.append(
+            {**mm, "pixel_values": mask_pixel_values(mm["pixel_values"], grid, masks, merge_size, black)}
+        )
+    return out
+
+
+def _nested(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.nested.as_nested_tensor(tensors, layout=torch.jagged)
+
+
+def prepare_vce_batch(
+    data: TensorDict,
+    spans: torch.Tensor,
+    cfg: VCEConfig,
+    black: torch.Tensor,
+    merge_size: int,
+    mask_ids: Sequence[str],
+) -> TensorDict:
+    """verl's per-sample (jagged) batch → the batch the VCE forward step consumes.
+
+    ``input_ids`` / ``position_ids`` are cut to :func:`vce_lengths`; adds ``vce_t_start`` / ``vce_t_end`` /
+    ``vce_prompt_len`` [B] and the masked multi-modal inputs. Every other field is kept as is.
+    """
+    prompt_lens = data["prompts"].offsets().diff()
+    response_lens = data["responses"].offsets().diff()
+    lens, t0, t1 = vce_lengths(prompt_lens, response_lens, spans, cfg.scope)
+    ids = [x[: int(n)] for x, n in zip(data["input_ids"].unbind(), lens, strict=True)]
+    pos = [x[..., : int(n)] for x, n in zip(data["position_ids"].unbind(), lens, strict=True)]
+    out = data.clone(recurse=False)
+    out["input_ids"] = _nested(ids)
+    out["position_ids"] = _nested(pos)
+    out["vce_t_start"], out["vce_t_end"], out["vce_prompt_len"] = t0, t1, prompt_lens.long()
+    mm_field = data.get("multi_modal_inputs", None)
+    mm = list(mm_field) if mm_field is not None else [None] * len(ids)
+    out[MASKED_MM_KEY] = NonTensorStack(*mask_multi_modal_inputs(mm, mask_ids, cfg, black, merge_size))
+    return out
+
+
+def target_rows(
+    micro_batch: TensorDict, remove_padding: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the hidden states predicting the target tokens sit in the model's layout.
+
+    Returns (b_idx [N], t_idx [N], pos [N]): sample, response-token index, and the flat row in the
+    packed [1, total_tokens] layout (``remove_padding``) or the column in the padded [B, L] layout. The
+    logit at position P_b + t − 1 predicts response token t.
+    """
+    t0, t1 = micro_batch["vce_t_start"].long().cpu(), micro_batch["vce_t_end"].long().cpu()
+    p = micro_batch["vce_prompt_len"].long().cpu()
+    counts = (t1 - t0).clamp_min(0)
+    b_idx = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    first = torch.repeat_interleave(t0, counts)
+    starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    t_idx = first + torch.arange(int(counts.sum())) - starts
+    col = p[b_idx] + t_idx - 1
+    if remove_padding:
+        col = col + micro_batch["input_ids"].offsets().cpu()[b_idx]
+    return b_idx, t_idx, col
+
+
+@contextlib.contextmanager
+def lm_head_rows(model: Any, b_idx: torch.Tensor, col: torch.Tensor, remove_padding: bool) -> Iterator[None]:
+    """Feed the lm_head only the hidden states at (b_idx, col): logits become [1, N, V]."""
+    inner = getattr(model, "module", model)
+    head = inner.get_output_embeddings()
+
+    def hook(_module, args):
+        h = args[0]
+        picked = h[0, col.to(h.device)] if remove_padding else h[b_idx.to(h.device), col.to(h.device)]
+        return (picked.unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _scalar_temperature(micro_batch: TensorDict) -> float:
+    t = micro_batch["temperature"]
+    t = getattr(t, "data", t)
+    if isinstance(t, torch.Tensor):
+        if t.numel() and not bool((t == t.flatten()[0]).all()):
+            raise NotImplementedError("VCE supports one sampling temperature per batch")
+        return float(t.flatten()[0]) if t.numel() else 1.0
+    return float(t)
+
+
+def _like(value: Any, ref: Any) -> Any:
+    """``value`` on the device of the original input ``ref`` (non-tensor data may stay on the host)."""
+    if isinstance(value, torch.Tensor) and isinstance(ref, torch.Tensor):
+        return value.to(device=ref.device, dtype=ref.dtype)
+    return value
+
+
+def _logits(out: Any) -> torch.Tensor:
+    logits = out.logits if hasattr(out, "logits") else out["logits"]
+    return logits.full_tensor() if hasattr(logits, "full_tensor") else logits  # TP: vocab-sharded DTensor
+
+
+def _chunked(
+    lo: torch.Tensor, lm: torch.Tensor, labels: torch.Tensor, cfg: VCEConfig, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    kls, ents = [], []
+    for s in range(0, lo.shape[0], cfg.vocab_chunk_tokens):
+        sl = slice(s, s + cfg.vocab_chunk_tokens)
+        kl, ent = token_kl_entropy(lo[sl], lm[sl], labels[sl], cfg.estimator, temperature)
+        kls.append(kl.float())
+        ents.append(ent.float())
+    empty = torch.zeros(0, dtype=torch.float32, device=lo.device)
+    return (torch.cat(kls), torch.cat(ents)) if kls else (empty, empty.clone())
+
+
+def vce_forward_step(
+    engine: Any,
+    micro_batch: TensorDict,
+    loss_function: Any = None,
+    forward_only: bool = True,
+    *,
+    cfg: VCEConfig,
+    device: Any = None,
+) -> tuple[torch.Tensor, dict]:
+    """Drop-in for ``FSDPEngineWithLMHead.forward_step``: original + masked forward → KL_t, H_t.
+
+    Returns verl's (loss, output) pair; ``output["model_output"]`` holds ``vce_kl`` / ``vce_entropy`` as
+    jagged [B, R_b] float32 (0 off target tokens), which verl concatenates and re-orders.
+    """
+    if getattr(engine, "use_ulysses_sp", False):
+        raise NotImplementedError("VCE needs ulysses_sequence_parallel_size == 1")
+    if device is None:
+        from verl.utils.device import get_device_id
+
+        device = get_device_id()
+    from verl.utils.model import extract_multi_modal_inputs
+
+    micro_batch = micro_batch.to(device)
+    from verl.utils import tensordict_utils as tu
+
+    remove_padding = bool(tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True))
+    if tu.get_non_tensor_data(data=micro_batch, key="use_fused_kernels", default=False):
+        raise NotImplementedError("VCE needs use_fused_kernels=False (it reads the lm_head's logits)")
+    model_inputs, _ = engine.prepare_model_inputs(micro_batch=micro_batch)
+    masked_mm = extract_multi_modal_inputs(list(micro_batch[MASKED_MM_KEY]))
+    masked_inputs = {**model_inputs, **{k: _like(v, model_inputs.get(k)) for k, v in masked_mm.items()}}
+    b_idx, t_idx, col = target_rows(micro_batch, remove_padding)
+    dtype = getattr(engine, "_autocast_dtype", torch.float32)
+    dev_type = torch.device(device).type if not isinstance(device, int) else "cuda"
+    autocast = (
+        contextlib.nullcontext()
+        if dtype == torch.float32
+        else torch.autocast(device_type=dev_type, dtype=dtype)
+    )
+    with torch.no_grad(), autocast, lm_head_rows(engine.module, b_idx, col, remove_padding):
+        lo = _logits(engine.module(**model_inputs, use_cache=False))[0]
+        lm = _logits(engine.module(**masked_inputs, use_cache=False))[0]
+    responses = micro_batch["responses"]
+    labels = responses.values()[responses.offsets()[b_idx.to(responses.device)] + t_idx.to(responses.device)]
+    kl, ent = _chunked(lo, lm, labels.to(lo.device), cfg, _scalar_temperature(micro_batch))
+    r_lens = responses.offsets().diff().cpu().tolist()
+    kl_pad = torch.zeros(len(r_lens), max(r_lens, default=0), dtype=torch.float32)
+    ent_pad = torch.zeros_like(kl_pad)
+    kl_pad[b_idx, t_idx], ent_pad[b_idx, t_idx] = kl.cpu(), ent.cpu()
+    kl_rows = [kl_pad[i, :n] for i, n in enumerate(r_lens)]
+    ent_rows = [ent_pad[i, :n] for i, n in enumerate(r_lens)]
+    output = {
+        "model_output": {"vce_kl": _nested(kl_rows), "vce_entropy": _nested(ent_rows)},
+        "loss": 0.0,
+        "metrics": {},
+    }
+    return torch.zeros((), device=lo.device), output
+
+
+@contextlib.contextmanager
+def vce_forward_installed(engine: Any, cfg: VCEConfig) -> Iterator[None]:
+    """Make ``engine.forward_step`` the VCE step for one call (instance attribute; class untouched)."""
+    engine.forward_step = partial(vce_forward_step, engine, cfg=cfg)
+    try:
+        yield
+    finally:
+        del engine.forward_step

@@ -1,0 +1,92 @@
+"""``VLCalActorRolloutRefWorker``: verl 0.9.1's hybrid actor/rollout/ref worker plus ``compute_vce``.
+
+VCE must use the *current* policy's weights, which live as FSDP shards in the actor worker (DESIGN.md
+§5), so the masked-image pass is a method of the actor worker, registered on the actor mesh with the
+same dispatch as verl's ``compute_log_prob``: the trainer passes the TransferQueue batch handle, each
+DP rank gets its share, and the returned per-token ``vce_kl`` / ``vce_entropy`` go back to
+TransferQueue. The forward itself runs through verl's engine (:mod:`vlcal_verl.verl_ext.vce_engine`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tensordict import TensorDict
+from verl.single_controller.base.decorator import make_nd_compute_dataproto_dispatch_fn, register
+from verl.utils import tensordict_utils as tu
+from verl.utils.config import omega_conf_to_dataclass
+from verl.utils.profiler import DistProfiler
+from verl.workers.engine_workers import ActorRolloutRefWorker
+
+from vlcal_verl.config import VCEConfig
+from vlcal_verl.vce_mask import black_row_for
+from vlcal_verl.verl_ext.vce_engine import SPAN_FIELD, prepare_vce_batch, vce_forward_installed
+
+
+def mask_ids_of(data: TensorDict) -> list[str]:
+    """One mask seed id per rollout: ``{uid}_{session_id}`` (uid alone is shared by the GRPO group)."""
+    uids = tu.get(data, "uid")
+    if uids is None or len(uids) != len(data):
+        raise ValueError(f"compute_vce: batch field 'uid' must hold one id per sample ({len(data)})")
+    sessions = tu.get(data, "session_id")
+    if sessions is None:
+        return [str(u) for u in uids]
+    sessions = sessions.tolist() if hasattr(sessions, "tolist") else list(sessions)
+    return [f"{u}_{s}" for u, s in zip(uids, sessions, strict=True)]
+
+
+def image_constants(model_config: Any) -> tuple[Any, int]:
+    """(black pixel_values row, spatial merge size m) of a Qwen-VL model config (``HFModelConfig``)."""
+    processor = getattr(model_config, "processor", None)
+    vision = getattr(getattr(model_config, "hf_config", None), "vision_config", None)
+    if processor is None or vision is None:
+        raise ValueError(
+            "compute_vce needs a vision-language model: actor_rollout_ref.model has no "
+            "processor/vision_config"
+        )
+    return black_row_for(processor), int(vision.spatial_merge_size)
+
+
+def vce_config_of(data: TensorDict) -> VCEConfig:
+    """The VCE settings the trainer put on the batch (``extra_info["vlcal_vce"]``)."""
+    raw = tu.get(data, "vlcal_vce")
+    if raw is None:
+        raise ValueError("compute_vce: the batch carries no 'vlcal_vce' settings (set by VLCalTrainer)")
+    return VCEConfig(**dict(raw))
+
+
+class VLCalActorRolloutRefWorker(ActorRolloutRefWorker):
+    """``ActorRolloutRefWorker`` + :meth:`compute_vce` (everything else is verl's)."""
+
+    _vce_constants: tuple[Any, int] | None = None
+
+    def _image_constants(self) -> tuple[Any, int]:
+        if self._vce_constants is None:
+            self._vce_constants = image_constants(omega_conf_to_dataclass(self.config.model))
+        return self._vce_constants
+
+    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
+    @DistProfiler.annotate(color="purple", role="actor_compute_vce")
+    def compute_vce(self, data: TensorDict) -> TensorDict | None:
+        """Masked-image forward on this rank's share → ``vce_kl``, ``vce_entropy`` jagged [B, R_b].
+
+        Reads the batch's ``input_ids``, ``position_ids``, ``prompts``, ``responses``,
+        ``multi_modal_inputs``, ``uid``/``session_id`` (mask seeds) and ``vlcal_vision_span`` [B, 2].
+        """
+        cfg = vce_config_of(data)
+        black, merge = self._image_constants()
+        prepared = prepare_vce_batch(
+            data, data[SPAN_FIELD].long().cpu(), cfg, black, merge, mask_ids_of(data)
+        )
+        tu.assign_non_tensor(prepared, compute_loss=False, calculate_entropy=False)
+        with vce_forward_installed(self.actor.engine, cfg):
+            output = self.actor.infer_batch(prepared)
+        return output.cpu() if output is not None else None
+
+
+def registered_methods(cls: type = VLCalActorRolloutRefWorker) -> Sequence[str]:
+    """Names of the methods verl's worker group will expose (carry verl's dispatch attribute)."""
+    from verl.single_controller.base.decorator import MAGIC_ATTR
+
+    return [n for n in dir(cls) if hasattr(getattr(cls, n, None), MAGIC_ATTR)]
