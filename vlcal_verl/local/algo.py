@@ -55,15 +55,17 @@ def vce_signals(model, processor, ro: Rollouts, uids: list[str], vc) -> dict[str
         return None
     from vlcal_verl import vce
 
+    from vlcal_verl.local.rollout import full_inputs
+
     spans = vision_spans(ro, processor.tokenizer)
     batch = {
-        **ro.prompt,
+        **full_inputs(ro.prompt, ro.responses, ro.response_mask),
         "responses": ro.responses,
         "response_mask": ro.response_mask,
-        "uids": uids,
+        "uid": uids,
     }
-    sig = vce.compute_vce_signals(model, batch, spans, vc.vce)
-    kl, entropy, span_mask = sig["kl"], sig["entropy"], sig["span_mask"]
+    sig = vce.compute_vce_signals(model, batch, spans, vc.vce, processor=processor)
+    kl, entropy, span_mask = sig.kl, sig.entropy, sig.span_mask
     k_bar, h_bar, s = vce.visual_certainty(kl, entropy, span_mask, vc.vce)
     return {
         "kl": kl,
