@@ -60,19 +60,33 @@ def token_kl_entropy(
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     dtype = torch.float64 if orig_logits.dtype == torch.float64 else torch.float32
-    logp_o = F.log_softmax(orig_logits.to(dtype) / temperature, dim=-1)
-    entropy = -(logp_o.exp() * logp_o).sum(-1)
-    logp_m = F.log_softmax(masked_logits.to(dtype) / temperature, dim=-1)
+    # written to hold at most ~3 [N, V] float tensors at once (in-place ops, row dots via matmul)
+    logp_o = _log_softmax(orig_logits, dtype, temperature)
+    p_o = logp_o.exp()
+    entropy = -_row_dot(p_o, logp_o)
     if estimator == "exact":
-        kl = F.kl_div(logp_m, logp_o, reduction="none", log_target=True).sum(-1)  # Σ p_o (log p_o − log p_m)
-        return kl.clamp_min(0.0), entropy
+        diff = _log_softmax(masked_logits, dtype, temperature).neg_().add_(logp_o)  # log p_o − log p_m
+        return _row_dot(p_o, diff).clamp_min(0.0), entropy
+    del p_o
     idx = labels.long().unsqueeze(-1)
-    lo, lm = logp_o.gather(-1, idx).squeeze(-1), logp_m.gather(-1, idx).squeeze(-1)
+    lo = logp_o.gather(-1, idx).squeeze(-1)
+    masked = masked_logits.to(dtype) / temperature
+    lm = masked.gather(-1, idx).squeeze(-1) - torch.logsumexp(masked, dim=-1)
     if estimator == "k3":
         d = lm - lo
         return torch.expm1(d) - d, entropy
     diff = (lo - lm).clamp(-20.0, 20.0)
     return (lo.exp() * diff).clamp(0.0, 10.0), entropy
+
+
+def _log_softmax(logits: torch.Tensor, dtype: torch.dtype, temperature: float) -> torch.Tensor:
+    x = logits.to(dtype)
+    return F.log_softmax(x if temperature == 1.0 else x / temperature, dim=-1)
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_v a[n, v]·b[n, v] → [N] without an [N, V] product tensor."""
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).reshape(a.shape[:-1])
 
 
 def chunked_kl_entropy(
@@ -179,7 +193,9 @@ def capture_response_hidden(model: Any, response_len: int) -> Iterator[dict[str,
         h = args[0]
         if h.dim() == 3 and h.shape[1] > response_len:
             n = h.shape[1]
-            store["hidden"] = h[:, n - response_len - 1 : n - 1].detach()
+            store["hidden"] = (
+                h[:, n - response_len - 1 : n - 1].detach().clone()
+            )  # not a view: frees [B, L, d]
 
     handle = model.get_output_embeddings().register_forward_pre_hook(hook)
     try:
