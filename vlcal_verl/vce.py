@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from vlcal_verl.config import VCEConfig
 from vlcal_verl.vce_mask import batch_cell_masks, black_row_for, images_per_sample, mask_pixel_values
@@ -60,28 +59,28 @@ def token_kl_entropy(
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     dtype = torch.float64 if orig_logits.dtype == torch.float64 else torch.float32
-    # written to hold at most ~3 [N, V] float tensors at once (in-place ops, row dots via matmul)
-    logp_o = _log_softmax(orig_logits, dtype, temperature)
-    p_o = logp_o.exp()
-    entropy = -_row_dot(p_o, logp_o)
+    # Only logsumexps and row dots, no log-softmax tensors (at most ~3 [N, V] floats live):
+    #   H_t  = lse_o − p_o·l_o,   KL_t = p_o·(l_o − l_m) + lse_m − lse_o   (Σ p_o = 1)
+    lo, lm = _scaled(orig_logits, dtype, temperature), _scaled(masked_logits, dtype, temperature)
+    lse_o, lse_m = torch.logsumexp(lo, dim=-1), torch.logsumexp(lm, dim=-1)
+    p_o = (lo - lse_o.unsqueeze(-1)).exp_()
+    entropy = lse_o - _row_dot(p_o, lo)
     if estimator == "exact":
-        diff = _log_softmax(masked_logits, dtype, temperature).neg_().add_(logp_o)  # log p_o − log p_m
-        return _row_dot(p_o, diff).clamp_min(0.0), entropy
-    del p_o
+        kl = _row_dot(p_o, lo - lm) + (lse_m - lse_o)
+        return kl.clamp_min(0.0), entropy
     idx = labels.long().unsqueeze(-1)
-    lo = logp_o.gather(-1, idx).squeeze(-1)
-    masked = masked_logits.to(dtype) / temperature
-    lm = masked.gather(-1, idx).squeeze(-1) - torch.logsumexp(masked, dim=-1)
+    lp_o = lo.gather(-1, idx).squeeze(-1) - lse_o  # log p_orig(y_t)
+    lp_m = lm.gather(-1, idx).squeeze(-1) - lse_m  # log p_masked(y_t)
     if estimator == "k3":
-        d = lm - lo
+        d = lp_m - lp_o
         return torch.expm1(d) - d, entropy
-    diff = (lo - lm).clamp(-20.0, 20.0)
-    return (lo.exp() * diff).clamp(0.0, 10.0), entropy
+    diff = (lp_o - lp_m).clamp(-20.0, 20.0)
+    return (lp_o.exp() * diff).clamp(0.0, 10.0), entropy
 
 
-def _log_softmax(logits: torch.Tensor, dtype: torch.dtype, temperature: float) -> torch.Tensor:
+def _scaled(logits: torch.Tensor, dtype: torch.dtype, temperature: float) -> torch.Tensor:
     x = logits.to(dtype)
-    return F.log_softmax(x if temperature == 1.0 else x / temperature, dim=-1)
+    return x if temperature == 1.0 else x / temperature
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -93,28 +92,41 @@ def chunked_kl_entropy(
     orig_hidden: torch.Tensor,
     masked_hidden: torch.Tensor,
     labels: torch.Tensor,
-    lm_head: Callable[[torch.Tensor], torch.Tensor],
+    lm_head: Callable[[torch.Tensor], torch.Tensor] | None,
     estimator: str = "exact",
     chunk_tokens: int = 256,
     temperature: float = 1.0,
+    *,
+    masked_head: Callable[[torch.Tensor], torch.Tensor] | str | None = "same",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """KL_t and H_t from final hidden states, applying ``lm_head`` to ``chunk_tokens`` rows at a time.
 
-    orig_hidden, masked_hidden: [N, d]; labels: [N]. Returns (KL_t [N], H_t [N]) float32 (float64 when
-    the logits are float64). Peak extra memory ≈ a few × chunk_tokens × V floats, independent of N.
+    orig_hidden, masked_hidden: [N, d] hidden states (or [N, V] logits when their head is None);
+    labels: [N]. ``masked_head`` defaults to ``lm_head``. Returns (KL_t [N], H_t [N]) float32 (float64
+    when the logits are float64). Peak extra memory ≈ 3 × chunk_tokens × V floats, independent of N.
     """
-    if orig_hidden.shape != masked_hidden.shape or orig_hidden.shape[0] != labels.shape[0]:
+    if orig_hidden.shape[0] != masked_hidden.shape[0] or orig_hidden.shape[0] != labels.shape[0]:
         raise ValueError(
-            f"hidden/labels shapes differ: {tuple(orig_hidden.shape)}, "
+            f"hidden/labels lengths differ: {tuple(orig_hidden.shape)}, "
             f"{tuple(masked_hidden.shape)}, {tuple(labels.shape)}"
         )
     if chunk_tokens <= 0:
         raise ValueError(f"vocab_chunk_tokens must be > 0, got {chunk_tokens}")
+    if isinstance(masked_head, str):
+        masked_head = lm_head
+
+    def apply(head, x):
+        return x if head is None else head(x)
+
     kls, ents = [], []
     for s in range(0, orig_hidden.shape[0], chunk_tokens):
         sl = slice(s, s + chunk_tokens)
         kl, ent = token_kl_entropy(
-            lm_head(orig_hidden[sl]), lm_head(masked_hidden[sl]), labels[sl], estimator, temperature
+            apply(lm_head, orig_hidden[sl]),
+            apply(masked_head, masked_hidden[sl]),
+            labels[sl],
+            estimator,
+            temperature,
         )
         kls.append(kl)
         ents.append(ent)
@@ -204,6 +216,17 @@ def capture_response_hidden(model: Any, response_len: int) -> Iterator[dict[str,
         handle.remove()
 
 
+def _hidden_rows(model: Any, inputs: Mapping[str, Any], bi: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    return final_hidden(model, inputs)[bi, cols]  # [N, d]
+
+
+def _logit_rows(model: Any, inputs: Mapping[str, Any], bi: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    first = int(cols.min())
+    keep = inputs["input_ids"].shape[1] - first
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # [B, keep, V]
+    return logits[bi, cols - first]  # [N, V]
+
+
 @torch.no_grad()
 def compute_vce_signals(
     model: Any,
@@ -215,6 +238,7 @@ def compute_vce_signals(
     processor: Any = None,
     orig_hidden: torch.Tensor | None = None,
     temperature: float = 1.0,
+    call_root: bool = False,
 ) -> VCESignals:
     """Masked-image forward → per-token KL_t and H_t (DESIGN.md §3).
 
@@ -227,6 +251,9 @@ def compute_vce_signals(
         black: the black pixel_values row (or give ``processor`` to derive it).
         orig_hidden: [B, R, d] final hidden states with the original image (from
             :func:`capture_response_hidden`); without it a second (truncated) forward computes them.
+        call_root: call ``model(...)`` with ``logits_to_keep`` (logits only from the first needed column
+            on) instead of ``model.model`` + lm_head on the needed rows — for wrappers such as FSDP whose
+            submodules must not be called directly. Costs one [B, window, V] logits tensor.
     """
     if cfg.estimator not in ESTIMATORS or cfg.scope not in ("truncated", "full"):
         raise ValueError(f"vce.estimator/scope invalid: {cfg.estimator!r}, {cfg.scope!r}")
@@ -264,10 +291,15 @@ def compute_vce_signals(
     dev = ids.device
     cols = (prompt_len + t_idx - 1).to(dev)
     bi = b_idx.to(dev)
-    h_masked = final_hidden(model, _forward_inputs(model, batch, n_cols, masked_pv))[bi, cols]
+    head = model.get_output_embeddings()
+    rows = _logit_rows if call_root else _hidden_rows
+    h_masked = rows(model, _forward_inputs(model, batch, n_cols, masked_pv), bi, cols)
+    masked_head = None if call_root else head
     if orig_hidden is None:
-        h_orig = final_hidden(model, _forward_inputs(model, batch, n_cols, batch["pixel_values"]))[bi, cols]
+        h_orig = rows(model, _forward_inputs(model, batch, n_cols, batch["pixel_values"]), bi, cols)
+        orig_head = masked_head
     else:
+        orig_head = head
         if tuple(orig_hidden.shape[:2]) != (bsz, r):
             raise ValueError(
                 f"orig_hidden must be [B, R, d] = [{bsz}, {r}, d], got {tuple(orig_hidden.shape)}"
@@ -278,10 +310,11 @@ def compute_vce_signals(
         h_orig,
         h_masked,
         labels,
-        model.get_output_embeddings(),
+        orig_head,
         cfg.estimator,
         cfg.vocab_chunk_tokens,
         temperature,
+        masked_head=masked_head,
     )
     kl_out[b_idx, t_idx] = kl.float().cpu()
     ent_out[b_idx, t_idx] = ent.float().cpu()

@@ -198,3 +198,13 @@ def test_token_kl_entropy_hand_values():
     assert token_kl_entropy(lo, lm, y, "reference")[0].item() == pytest.approx(0.5 * np.log(2))
     with pytest.raises(ValueError, match="estimator"):
         token_kl_entropy(lo, lm, y, "k2")
+
+
+@pytest.mark.parametrize("estimator", ["exact", "k3"])
+def test_call_root_mode_matches_hidden_mode(tiny_vlms, estimator):
+    model, processor = tiny_vlms["qwen2.5-vl"]
+    batch = _batch(processor, seed=5)
+    cfg = VCEConfig(estimator=estimator, vocab_chunk_tokens=4)
+    a = compute_vce_signals(model, batch, SPANS, cfg, processor=processor)
+    b = compute_vce_signals(model, batch, SPANS, cfg, processor=processor, call_root=True)
+    assert torch.allclose(a.kl, b.kl, atol=1e-6) and torch.allclose(a.entropy, b.entropy, atol=1e-5)
