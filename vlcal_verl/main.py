@@ -9,8 +9,8 @@ inside its own Ray actor — verl 0.9.1's ``TaskRunnerV1.run`` picks the trainer
 ``TRAINER_REGISTRY[trainer.v1.trainer_mode]`` and ``"sync"`` is also a mode verl checks by name.
 
 ``--check`` (first argument) composes and validates the config, prints a summary and exits 0 — no Ray,
-no GPU: CI and ``launch/submit.sh --check`` use it. Recipes: ``--config-path <abs dir> --config-name
-<recipe>`` (see recipes/README.md).
+no GPU: CI and ``launch/submit.sh --check`` use it. ``--recipe recipes/<model>.yaml`` selects a recipe
+(see recipes/README.md); any other argument is a Hydra override.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -99,7 +100,17 @@ def prepare(config: DictConfig) -> VLCalConfig:
     validate_config(
         config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config)
     )
+    check_worker_configs(config)
     return vcfg
+
+
+def check_worker_configs(config: DictConfig) -> None:
+    """Build the rollout/ref dataclasses the workers build in ``init_model`` (their ``__post_init__``
+    checks, e.g. vLLM expert_parallel_size = TP × DP), so a bad recipe fails here, not on the GPUs."""
+    from verl.utils.config import omega_conf_to_dataclass
+
+    resolved = OmegaConf.create(OmegaConf.to_container(config, resolve=True))  # as the task runner does
+    omega_conf_to_dataclass(resolved.actor_rollout_ref.rollout)
 
 
 @contextlib.contextmanager
@@ -162,13 +173,33 @@ def _hydra_main(config: DictConfig) -> None:
     run_ppo(config, task_runner_class=_task_runner())
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m vlcal_verl.main [--check] [hydra args]``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+CONFIG_DIR = Path(__file__).resolve().parent / "config"
+
+
+def hydra_argv(argv: list[str]) -> list[str]:
+    """Translate our flags into Hydra's: ``--recipe FILE`` → ``--config-path/--config-name``; ``--check``
+    → ``VLCAL_CHECK_ONLY=1``; and put this package's configs plus verl's on the search path (a package
+    directory named ``config`` next to ``config.py`` cannot be a ``pkg://`` search path entry)."""
+    argv = list(argv)
     if "--check" in argv:
         argv.remove("--check")
         os.environ["VLCAL_CHECK_ONLY"] = "1"
-    sys.argv = [sys.argv[0], *argv]
+    if "--recipe" in argv:
+        i = argv.index("--recipe")
+        if i + 1 >= len(argv):
+            raise SystemExit("--recipe needs a YAML file")
+        recipe = Path(argv[i + 1]).resolve()
+        if not recipe.is_file():
+            raise SystemExit(f"--recipe: no such file: {recipe}")
+        argv[i : i + 2] = ["--config-path", str(recipe.parent), "--config-name", recipe.stem]
+    if not any(a.startswith("hydra.searchpath") for a in argv):
+        argv.append(f"hydra.searchpath=[file://{CONFIG_DIR},pkg://verl.trainer.config]")
+    return argv
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m vlcal_verl.main [--check] [--recipe FILE] [hydra args]``."""
+    sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:] if argv is None else argv)]
     _hydra_main()
 
 
