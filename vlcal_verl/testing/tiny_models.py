@@ -189,12 +189,12 @@ def build_tiny_vlm(
     from transformers import AutoModelForImageTextToText
 
     if family == "internvl":
-        raise NotImplementedError(
-            "family='internvl' is not built yet: transformers' InternVLProcessor needs a tokenizer with "
-            "<img>/</img>/<IMG_CONTEXT> tokens the Qwen tokenizer lacks"
-        )
-    make = _qwen3_vl_config if family == "qwen3-vl" else _qwen2_5_vl_config
-    config, processor = make(_text_config()), _qwen_processor(family)
+        from vlcal_verl.testing.tiny_internvl import internvl_config_and_processor
+
+        config, processor = internvl_config_and_processor(_text_config())
+    else:
+        make = _qwen3_vl_config if family == "qwen3-vl" else _qwen2_5_vl_config
+        config, processor = make(_text_config()), _qwen_processor(family)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
