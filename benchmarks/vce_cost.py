@@ -303,6 +303,12 @@ def main(argv=None) -> int:
     ap.add_argument("--response", type=int, default=None)
     ap.add_argument("--span", type=int, default=None)
     ap.add_argument("--image", type=int, default=None)
+    ap.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="default: bfloat16 on CUDA, float32 on CPU",
+    )
     args = ap.parse_args(argv)
 
     import logging
@@ -319,7 +325,13 @@ def main(argv=None) -> int:
         if getattr(args, k) is not None:
             shape[k] = getattr(args, k)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype
+        else torch.bfloat16
+        if device.type == "cuda"
+        else torch.float32
+    )
     model = build_model(shape, device, dtype)
     batch, spans = make_batch(shape, device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} threads)"
