@@ -259,9 +259,11 @@ def vce_forward_step(
 
 
 @contextlib.contextmanager
-def vce_forward_installed(engine: Any, cfg: VCEConfig) -> Iterator[None]:
-    """Make ``engine.forward_step`` the VCE step for one call (instance attribute; class untouched)."""
-    engine.forward_step = partial(vce_forward_step, engine, cfg=cfg)
+def vce_forward_installed(engine: Any, cfg: VCEConfig, device: Any = None) -> Iterator[None]:
+    """Make ``engine.forward_step`` the VCE step for one call (instance attribute; class untouched).
+
+    ``device``: where micro-batches go (default: verl's current accelerator, as the engine's own step)."""
+    engine.forward_step = partial(vce_forward_step, engine, cfg=cfg, device=device)
     try:
         yield
     finally:
