@@ -167,6 +167,9 @@ def _hydra_main(config: DictConfig) -> None:
     vcfg = prepare(config)
     print(summary(config, vcfg), flush=True)
     if os.environ.get("VLCAL_CHECK_ONLY") == "1":
+        import vlcal_verl
+
+        print(f"[vlcal] package: {Path(vlcal_verl.__file__).parent}", flush=True)
         return
     from verl.trainer.main_ppo import run_ppo
 
