@@ -31,26 +31,11 @@ TINY = [
 ]
 
 
-class _Items:
-    """Stand-in easy-vqa items (same fields as ``data.easy_vqa.VQAItem``) built from the package."""
+def _demo_data():
+    from vlcal_verl.data.easy_vqa import load_easy_vqa
+    from vlcal_verl.local.data import DemoData
 
-    @staticmethod
-    def load(n: int):
-        import easy_vqa
-        from PIL import Image
-
-        from vlcal_verl.local.data import DemoData
-
-        q, a, ids = easy_vqa.get_train_questions()
-        paths = easy_vqa.get_train_image_paths()
-
-        class Item:
-            def __init__(self, i):
-                self.uid, self.question, self.answer = f"t{i}", q[i], a[i]
-                self.image = Image.open(paths[ids[i]]).convert("RGB")
-                self.kind, self.data_source = "easy_vqa", "easy_vqa"
-
-        return DemoData(train=[Item(i) for i in range(n)], eval=[], unanswerable=[])
+    return DemoData(train=load_easy_vqa("train", limit=8, seed=0), eval=[], unanswerable=[])
 
 
 def _bonus_scores(monkeypatch):
@@ -73,7 +58,7 @@ def _run(tmp_path, name, overrides, resume=False):
     from vlcal_verl.local.engine import LocalEngine
 
     cfg = load_train_config(None, TINY + overrides)
-    engine = LocalEngine(cfg, tmp_path / name, resume=resume, data=_Items.load(8))
+    engine = LocalEngine(cfg, tmp_path / name, resume=resume, data=_demo_data())
     engine.run()
     rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     return engine, [r for r in rows if r["phase"] == "rl"]

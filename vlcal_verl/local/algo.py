@@ -54,7 +54,6 @@ def vce_signals(model, processor, ro: Rollouts, uids: list[str], vc) -> dict[str
     if not vc.vce.enabled:
         return None
     from vlcal_verl import vce
-
     from vlcal_verl.local.rollout import full_inputs
 
     spans = vision_spans(ro, processor.tokenizer)

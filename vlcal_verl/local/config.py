@@ -10,13 +10,14 @@ Unknown keys are errors that name the key.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from vlcal_verl.config import VLCalConfig
+from vlcal_verl.config import RewardConfig, TARConfig, VCEConfig, VLCalConfig
 
 
 @dataclass
@@ -136,6 +137,22 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return d
 
 
+def _coerce(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Cast YAML scalars to the dataclass field types (YAML 1.1 reads ``1e-3`` as a string)."""
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for key, value in values.items():
+        hint = hints.get(key)
+        if hint in (int, float) and isinstance(value, str):
+            try:
+                out[key] = hint(float(value)) if hint is int else float(value)
+            except ValueError as err:
+                raise ValueError(f"{where}.{key} must be a number, got {value!r}") from err
+        elif hint is float and isinstance(value, int) and not isinstance(value, bool):
+            out[key] = float(value)
+    return out
+
+
 def train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
     """Build and validate a :class:`TrainConfig`, rejecting unknown keys (named in the error)."""
     d = dict(d or {})
@@ -152,8 +169,12 @@ def train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
     bad = set(local_d) - known
     if bad:
         raise ValueError(f"unknown key(s) in local: {sorted(bad)}")
-    local = LocalConfig(**local_d).validate()
-    return TrainConfig(engine=engine, local=local, vlcal=VLCalConfig.from_dict(d.get("vlcal")))
+    local = LocalConfig(**_coerce(LocalConfig, local_d, "local")).validate()
+    vlcal_d = dict(d.get("vlcal") or {})
+    for key, sub in (("reward", RewardConfig), ("vce", VCEConfig), ("tar", TARConfig)):
+        if isinstance(vlcal_d.get(key), dict):
+            vlcal_d[key] = _coerce(sub, vlcal_d[key], f"vlcal.{key}")
+    return TrainConfig(engine=engine, local=local, vlcal=VLCalConfig.from_dict(vlcal_d))
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:

@@ -210,7 +210,7 @@ class LocalEngine:
 
         items, group, uids, ro = self.rollout_batch(step)
         scored = score_many(
-            [(t, it.answer, answer_kind(it.answer)) for t, it in zip(ro.texts, items, strict=True)],
+            [(t, it.answer, answer_kind(it)) for t, it in zip(ro.texts, items, strict=True)],
             config=self.vc.reward,
             grader=self.grader,
         )

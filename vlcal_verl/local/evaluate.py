@@ -30,9 +30,13 @@ TABLE_ROWS = (
 )
 
 
-def answer_kind(answer: str) -> str | None:
-    """The grader's kind for an easy-vqa answer: yes/no questions, else automatic."""
-    return "yes_no" if str(answer).strip().lower() in ("yes", "no") else None
+GRADER_KINDS = ("math", "multiple_choice", "yes_no")
+
+
+def answer_kind(item: Any) -> str | None:
+    """The grader's kind of an item (``VQAItem.kind``); None (auto-detect) when it is not a grader kind."""
+    kind = getattr(item, "kind", None)
+    return kind if kind in GRADER_KINDS else None
 
 
 @torch.no_grad()
@@ -62,7 +66,7 @@ def generate_records(
             generator=gen,
         )
         scored = score_many(
-            [(t, it.answer, answer_kind(it.answer)) for t, it in zip(ro.texts, chunk, strict=True)],
+            [(t, it.answer, answer_kind(it)) for t, it in zip(ro.texts, chunk, strict=True)],
             config=vlcal_cfg.reward,
             grader=grader,
         )

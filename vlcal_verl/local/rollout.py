@@ -164,7 +164,9 @@ def response_logits(
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log π(y_t) from logits [batch, len, vocab] and tokens [batch, len] → [batch, len]."""
-    return -F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
+    # flat [tokens, vocab] rows: ~2x faster on CPU than cross_entropy over a transposed [B, V, L] view
+    flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), reduction="none")
+    return -flat.view(tokens.shape)
 
 
 def response_logprobs(model, prompt, responses, response_mask) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Supervised warm start on protocol-formatted targets (see ``data.py`` for what the targets teach).
 
 Teacher forcing on ``prompt ⊕ target ⊕ <|im_end|>``: cross-entropy on the target tokens only, AdamW,
-gradient clipping, a cosine-free constant learning rate (the phase is a few dozen steps). Batches are
+gradient clipping, a learning rate decaying linearly to 10% (the phase is about a hundred steps). Batches are
 drawn in a seeded order, so the phase is reproducible; its output is the RL phase's initial policy and
 (when ``local.kl_coef > 0``) the frozen reference.
 """
@@ -59,6 +59,8 @@ def warm_start(
     pairs = build_targets(items, seed)
     order = random.Random(seed).sample(range(len(pairs)), len(pairs))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    # linear decay to 10% of lr: the last steps settle the template instead of bouncing around it
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - 0.9 * k / max(steps - 1, 1))
     model.train()
     losses: list[float] = []
     for step in tqdm(range(steps), desc="warm start", unit="step"):
@@ -74,6 +76,7 @@ def warm_start(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
+        sched.step()
         losses.append(float(loss.detach()))
         if log is not None:
             log({"warm_start/loss": losses[-1]}, step)
