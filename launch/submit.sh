@@ -11,7 +11,7 @@
 #   --dry-run        print the exact `ray job submit ... -- python -m vlcal_verl.main ...` command and exit
 #   --no-wait        return after submission (default: follow the job's logs until it ends)
 #   after `--`       Hydra overrides, e.g. ablation=rlcr trainer.experiment_name=qwen3_vl_4b_rlcr
-# Env: VLCAL_DATA_DIR, VLCAL_MODEL_DIR, VLCAL_CKPT_DIR (shared storage roots, forwarded to the job),
+# Env: VLCAL_DATA_DIR, VLCAL_MODEL_DIR, VLCAL_CKPT_DIR, TENSORBOARD_DIR (shared storage, forwarded to the job),
 #      VLCAL_RUNTIME_ENV (default launch/runtime_env.yaml), VLCAL_RAY (ray CLI), VLCAL_PYTHON (python with
 #      PyYAML, to build the runtime env). Ray token auth: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN
 #      (or ~/.ray/auth_token) exactly as for the cluster; the CLI sends it.
@@ -59,7 +59,7 @@ import json, os, sys
 import yaml
 env = yaml.safe_load(open(sys.argv[1])) or {}
 env["working_dir"] = sys.argv[2]
-for key in ("VLCAL_DATA_DIR", "VLCAL_MODEL_DIR", "VLCAL_CKPT_DIR"):
+for key in ("VLCAL_DATA_DIR", "VLCAL_MODEL_DIR", "VLCAL_CKPT_DIR", "TENSORBOARD_DIR"):
     if os.environ.get(key):
         env.setdefault("env_vars", {})[key] = os.environ[key]
 print(json.dumps(env, sort_keys=True))
