@@ -27,6 +27,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vlcal_verl.config import VLCalConfig
 
+SERVER_REWARD_KWARGS = ("w_brier", "w_fmt", "w_vis", "protocol")
+"""The ``vlcal.reward`` fields the reward server's client sends per request."""
+
 UNSUPPORTED_MODEL_TYPES = {
     "internvl": "verl 0.9.1 has no InternVL support (no engine/rollout path for InternVL3.5); "
     "this recipe waits for its own issue — use the local engine (`vlcal train`) or a Qwen-VL recipe",
@@ -49,8 +52,10 @@ def wire_reward(config: DictConfig, vcfg: VLCalConfig) -> None:
     kwargs = dict(OmegaConf.to_container(config.vlcal.reward, resolve=True))
     with open_dict(config):
         if vcfg.reward_server_url:
+            # the client takes the per-request weights/protocol; parity mode and grading timeout are
+            # settings of the server process itself
             crf.path, crf.name = "pkg://reward_server.client", "compute_score"
-            kwargs["server_url"] = vcfg.reward_server_url
+            kwargs = {k: kwargs[k] for k in SERVER_REWARD_KWARGS} | {"server_url": vcfg.reward_server_url}
         crf.reward_kwargs = kwargs
 
 

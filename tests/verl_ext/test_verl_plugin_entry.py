@@ -25,8 +25,9 @@ def _probe(policy: str | None) -> str:
     env.pop("VERL_USE_EXTERNAL_PLUGINS", None)
     if policy is not None:
         env["VERL_USE_EXTERNAL_PLUGINS"] = policy
-    return subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=240,
-                          check=True).stdout
+    return subprocess.run(
+        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=240, check=True
+    ).stdout
 
 
 def test_plugin_registers_on_import_verl_in_fresh_process():

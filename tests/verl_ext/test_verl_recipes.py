@@ -89,6 +89,24 @@ def test_reward_server_url_switches_to_client():
     crf = cfg.reward.custom_reward_function
     assert crf.path == "pkg://reward_server.client" and crf.name == "compute_score"
     assert crf.reward_kwargs.server_url == "http://rm:8000" and crf.reward_kwargs.w_brier == 2.0
+    from reward_server.client import ClientOptions
+
+    opts = ClientOptions.from_kwargs(dict(crf.reward_kwargs))  # H4's client accepts exactly these
+    assert (opts.server_url, opts.w_vis, opts.protocol) == ("http://rm:8000", 0.4, "decoupled")
+
+
+def test_in_process_reward_kwargs_are_accepted_by_compute_score():
+    from vlcal_verl.rewards import compute_score
+
+    cfg = _compose("qwen3_vl_4b", ["ablation=rlcr"])
+    prepare(cfg)
+    out = compute_score(
+        "t",
+        "<confidence>7</confidence> \\boxed{4}",
+        "4",
+        **dict(cfg.reward.custom_reward_function.reward_kwargs),
+    )
+    assert out["accuracy"] == 1.0
 
 
 @pytest.mark.parametrize(
