@@ -8,7 +8,7 @@ runner maps verl's ``sync`` trainer mode to ``VLCalTrainer`` (registered as ``"v
 inside its own Ray actor — verl 0.9.1's ``TaskRunnerV1.run`` picks the trainer class from
 ``TRAINER_REGISTRY[trainer.v1.trainer_mode]`` and ``"sync"`` is also a mode verl checks by name.
 
-``--check`` (first argument) composes and validates the config, prints a summary and exits 0 — no Ray,
+``--check`` (anywhere on the command line) composes and validates the config, prints a summary and exits 0 — no Ray,
 no GPU: CI and ``launch/submit.sh --check`` use it. ``--recipe recipes/<model>.yaml`` selects a recipe
 (see recipes/README.md); any other argument is a Hydra override.
 """
