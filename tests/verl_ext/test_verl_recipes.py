@@ -137,3 +137,24 @@ def test_hydra_argv_translates_recipe_and_check(monkeypatch):
     import os
 
     assert os.environ["VLCAL_CHECK_ONLY"] == "1"
+
+
+def test_image_pixel_budget_reaches_the_qwen3_vl_processor(tmp_path):
+    """verl's agent loop passes data.mm_processor_kwargs to the processor: a small image is scaled up to
+    ≥ 262,144 pixels and a large one down to ≤ 4,194,304 (in whole 32-px merged cells)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from vlcal_verl.testing.tiny_models import build_tiny_vlm
+
+    kwargs = dict(_compose("qwen3_vl_4b").data.mm_processor_kwargs)
+    proc = AutoProcessor.from_pretrained(build_tiny_vlm("qwen3-vl", cache_dir=tmp_path))
+    patch = proc.image_processor.patch_size
+    text = "<|vision_start|><|image_pad|><|vision_end|>hi"
+    for h, w in ((64, 96), (3000, 2500)):
+        img = Image.fromarray(np.zeros((h, w, 3), dtype="uint8"))
+        _, gh, gw = proc(text=[text], images=[img], return_tensors="pt", **kwargs)["image_grid_thw"][
+            0
+        ].tolist()
+        assert 262144 <= gh * gw * patch * patch <= 4194304, (h, w, gh, gw)

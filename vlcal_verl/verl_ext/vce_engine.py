@@ -238,6 +238,8 @@ def vce_forward_step(
         if dtype == torch.float32
         else torch.autocast(device_type=dev_type, dtype=dtype)
     )
+    # Both forwards run even when this micro-batch has no targets: FSDP's all-gathers are collective, and
+    # every DP rank must run the same number of forwards (verl aligns micro-batch counts across ranks).
     with torch.no_grad(), autocast, lm_head_rows(engine.module, b_idx, col, remove_padding):
         lo = _logits(engine.module(**model_inputs, use_cache=False))[0]
         lm = _logits(engine.module(**masked_inputs, use_cache=False))[0]
