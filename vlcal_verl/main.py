@@ -1,7 +1,7 @@
 """``python -m vlcal_verl.main``: VL-Calibration GRPO on verl 0.9.1 (the production entry point).
 
 A thin layer over verl's own entry (the verl-recipe pattern): the Hydra config composes verl's
-``ppo_trainer`` with the typed ``vlcal:`` block (``vlcal_verl/config/vlcal_trainer.yaml``), the config is
+``ppo_trainer`` with the typed ``vlcal:`` block (``vlcal_verl/hydra_conf/vlcal_trainer.yaml``), the config is
 checked exactly as ``verl.trainer.main_ppo.main`` checks it (``auto_set_device`` + ``validate_config``)
 plus the vlcal checks, and verl's ``run_ppo`` starts Ray and the task runner. The only swap: the task
 runner maps verl's ``sync`` trainer mode to ``VLCalTrainer`` (registered as ``"vlcal"`` by the plugin)
@@ -167,7 +167,7 @@ def summary(config: DictConfig, vcfg: VLCalConfig) -> str:
     )
 
 
-@hydra.main(config_path="config", config_name="vlcal_trainer", version_base=None)
+@hydra.main(config_path="hydra_conf", config_name="vlcal_trainer", version_base=None)
 def _hydra_main(config: DictConfig) -> None:
     vcfg = prepare(config)
     print(summary(config, vcfg), flush=True)
@@ -181,7 +181,7 @@ def _hydra_main(config: DictConfig) -> None:
     run_ppo(config, task_runner_class=_task_runner())
 
 
-CONFIG_DIR = Path(__file__).resolve().parent / "config"
+CONFIG_DIR = Path(__file__).resolve().parent / "hydra_conf"
 
 
 def hydra_argv(argv: list[str]) -> list[str]:
