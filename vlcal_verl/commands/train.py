@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +23,8 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # verl lists its optional GPU engines (megatron, torchtitan, ...) at import; irrelevant on this path
+    warnings.filterwarnings("ignore", message=r".*engine is not available.*")
     from vlcal_verl.local.config import load_train_config
     from vlcal_verl.local.engine import LocalEngine
 

@@ -95,11 +95,13 @@ def _mean(values: list[Any]) -> float:
 
 
 def summary_row(report: dict[str, Any], records: list[dict]) -> dict[str, float]:
-    """Pick the table's numbers: the report's metrics (answerable items) plus our own means/gap."""
+    """The table's numbers: ECE/AUROC/Brier from the report; accuracy (unparsed = wrong), parse rate,
+    mean c_v/c_r over the answerable records; the gap = mean Φ(real image) − mean Φ(blank image)."""
     answerable = [r for r in records if not r["unanswerable"]]
     blank = [r for r in records if r["unanswerable"]]
     overall = report.get("overall", report) if isinstance(report, dict) else {}
-    row = {k: overall.get(k) for k in ("accuracy", "ece", "auroc", "brier")}
+    row = {k: overall.get(k) for k in ("ece", "auroc", "brier")}
+    row["accuracy"] = _mean([float(r["correct"]) for r in answerable])  # unparsed = wrong
     row["parse_rate"] = _mean([r["parse_ok"] for r in answerable])
     row["mean_vision_confidence"] = _mean([r["vision_confidence"] for r in answerable])
     row["mean_reasoning_confidence"] = _mean([r["reasoning_confidence"] for r in answerable])
