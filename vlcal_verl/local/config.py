@@ -33,6 +33,9 @@ class LocalConfig:
     """Training questions drawn from the easy-vqa train split."""
     eval_size: int = 48
     """Held-out questions drawn from the easy-vqa test split (plus as many unanswerable copies)."""
+    image_size: int = 128
+    """Images are resized (nearest) to this square size; easy-vqa's 64 px give only 2×2 merged Qwen3-VL
+    cells (4 image tokens, a coarse VCE mask), 128 px give 4×4. 0 keeps the original size."""
     # --- warm start (supervised, protocol-formatted targets)
     warm_start_steps: int = 60
     """Supervised steps before RL; 0 skips the warm start."""

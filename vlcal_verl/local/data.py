@@ -20,6 +20,7 @@ The warm start (``warm_start.py``) therefore trains on *protocol-formatted targe
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from collections import Counter
@@ -128,14 +129,23 @@ class DemoData:
     unanswerable: list[Any]
 
 
-def load_demo_data(train_size: int, eval_size: int, seed: int) -> DemoData:
+def resized(items: list[Any], size: int) -> list[Any]:
+    """Copies of the items with the image resized (nearest: palette colours stay exact) to size × size."""
+    if not size:
+        return list(items)
+    from PIL import Image
+
+    return [dataclasses.replace(it, image=it.image.resize((size, size), Image.NEAREST)) for it in items]
+
+
+def load_demo_data(train_size: int, eval_size: int, seed: int, image_size: int = 0) -> DemoData:
     """Load easy-vqa through ``vlcal_verl.data.easy_vqa`` (train split for RL, test split held out)."""
     from vlcal_verl.data.easy_vqa import load_easy_vqa
 
     train = load_easy_vqa("train", limit=train_size, seed=seed)
     held = load_easy_vqa("test", limit=eval_size, seed=seed) if eval_size else []
     blank = load_easy_vqa("test", limit=eval_size, seed=seed, unanswerable=True) if eval_size else []
-    return DemoData(train=list(train), eval=list(held), unanswerable=list(blank))
+    return DemoData(*(resized(x, image_size) for x in (train, held, blank)))
 
 
 def user_message(question: str, protocol: str = "decoupled") -> list[dict[str, Any]]:

@@ -85,7 +85,7 @@ class LocalEngine:
         seed_everything(lc.seed)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2), encoding="utf-8")
-        self.data = self._data or load_demo_data(lc.train_size, lc.eval_size, lc.seed)
+        self.data = self._data or load_demo_data(lc.train_size, lc.eval_size, lc.seed, lc.image_size)
         self.model, self.processor = load_tiny_vlm(lc.model_family, seed=lc.seed)
         self.model.eval()
         self.ref = None
