@@ -105,3 +105,36 @@ def test_data_order_is_a_pure_function_of_step_and_covers_an_epoch():
     assert sorted(first_epoch) == list(range(n))
     assert data_order(n, 0, 5, per_step) == data_order(n, 0, 5, per_step)
     assert data_order(n, 0, 5, per_step) != data_order(n, 1, 5, per_step)
+
+
+def test_summary_row_reads_vlcal_eval_report(tmp_path):
+    from vlcal_verl.evaluation.report import write_report
+    from vlcal_verl.local.evaluate import format_table, summary_row
+
+    def rec(conf, correct, blank=False):
+        parsed = conf is not None
+        return {
+            "benchmark": "easy_vqa",
+            "confidence": conf,
+            "correct": correct,
+            "parse_ok": parsed,
+            "vision_confidence": conf,
+            "reasoning_confidence": conf,
+            "unanswerable": blank,
+        }
+
+    records = [
+        rec(0.8, True),
+        rec(0.4, False),
+        rec(None, False),
+        rec(0.6, True),
+        rec(0.5, False, True),
+        rec(0.3, False, True),
+    ]
+    row = summary_row(write_report(records, tmp_path, title="t"), records)
+    assert row["accuracy"] == pytest.approx(0.5)  # 2 of 4 answerable; unparsed counts as wrong
+    assert row["parse_rate"] == pytest.approx(0.75)
+    assert row["unanswerable_gap"] == pytest.approx((0.8 + 0.4 + 0.0 + 0.6) / 4 - 0.4)  # unparsed Φ = 0
+    assert 0.0 <= row["ece"] <= 1.0
+    table = format_table({"before": row, "after": row})
+    assert "| parse rate | 0.750 | 0.750 |" in table and table.count("\n") == 9

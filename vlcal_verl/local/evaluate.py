@@ -95,22 +95,36 @@ def _mean(values: list[Any]) -> float:
 
 
 def summary_row(report: dict[str, Any], records: list[dict]) -> dict[str, float]:
-    """The table's numbers: ECE/AUROC/Brier from the report; accuracy (unparsed = wrong), parse rate,
-    mean c_v/c_r over the answerable records; the gap = mean Φ(real image) − mean Φ(blank image)."""
+    """The table's numbers, from ``write_report``'s ``overall`` block (the same as ``vlcal eval``).
+
+    Keys the report lacks (the fallback path) are computed here from the records: accuracy with
+    unparsed = wrong, parse rate, mean c_v/c_r, gap = mean Φ(real image) − mean Φ(blank image).
+    """
     answerable = [r for r in records if not r["unanswerable"]]
     blank = [r for r in records if r["unanswerable"]]
-    overall = report.get("overall", report) if isinstance(report, dict) else {}
-    row = {k: overall.get(k) for k in ("ece", "auroc", "brier")}
-    row["accuracy"] = _mean([float(r["correct"]) for r in answerable])  # unparsed = wrong
-    row["parse_rate"] = _mean([r["parse_ok"] for r in answerable])
-    row["mean_vision_confidence"] = _mean([r["vision_confidence"] for r in answerable])
-    row["mean_reasoning_confidence"] = _mean([r["reasoning_confidence"] for r in answerable])
-    gap = overall.get(
-        "unanswerable_gap", report.get("unanswerable_gap") if isinstance(report, dict) else None
+    overall = (report.get("overall") or report) if isinstance(report, dict) else {}
+    own = {
+        "accuracy": _mean([float(r["correct"]) for r in answerable]),
+        "parse_rate": _mean([float(r["parse_ok"]) for r in answerable]),
+        "mean_vision_confidence": _mean([r["vision_confidence"] for r in answerable]),
+        "mean_reasoning_confidence": _mean([r["reasoning_confidence"] for r in answerable]),
+        "unanswerable_gap": (
+            _mean([r["confidence"] for r in answerable]) - _mean([r["confidence"] for r in blank])
+            if blank
+            else None
+        ),
+    }
+    keys = (
+        "parse_rate",
+        "accuracy",
+        "ece",
+        "auroc",
+        "brier",
+        "mean_vision_confidence",
+        "mean_reasoning_confidence",
     )
-    if gap is None and blank:
-        gap = _mean([r["confidence"] for r in answerable]) - _mean([r["confidence"] for r in blank])
-    row["unanswerable_gap"] = gap
+    row = {k: overall.get(k, own.get(k)) for k in keys}
+    row["unanswerable_gap"] = overall.get("unanswerable_gap", own["unanswerable_gap"])
     return row
 
 

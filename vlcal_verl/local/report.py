@@ -14,32 +14,10 @@ from typing import Any
 from vlcal_verl.local.evaluate import format_table, generate_records, plot_curves, summary_row
 
 
-def write_phase_report(records: list[dict], out_dir, title: str) -> dict[str, Any]:
-    """``evaluation.report.write_report`` (as ``vlcal eval``); without that module, H2's metrics + diagram.
-
-    The fallback scores the answerable records with a parsed confidence and draws the reliability
-    diagram with ``metrics.plot_reliability``.
-    """
-    try:
-        from vlcal_verl.evaluation.report import write_report
-    except ModuleNotFoundError:
-        write_report = None
-    if write_report is not None:
-        return write_report(records, out_dir, title=title)
-    from vlcal_verl.metrics import calibration_metrics, plot_reliability
-
-    ok = [r for r in records if not r["unanswerable"] and r["confidence"] is not None]
-    if not ok:
-        return {}
-    conf, correct = [r["confidence"] for r in ok], [r["correct"] for r in ok]
-    plot_reliability(conf, correct, out_dir / "reliability.png", title=title)
-    metrics = calibration_metrics(conf, correct)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float), encoding="utf-8")
-    return metrics
-
-
 def evaluate_phase(engine, phase: str) -> dict[str, Any]:
     """Evaluate the current policy; write ``report/<phase>/``; return {'row', 'records', 'metrics'}."""
+    from vlcal_verl.evaluation.report import write_report
+
     lc, data = engine.lc, engine.data
     records = generate_records(engine.model, engine.processor, data.eval, lc, engine.vc, engine.grader, False)
     records += generate_records(
@@ -50,7 +28,7 @@ def evaluate_phase(engine, phase: str) -> dict[str, Any]:
     with open(out_dir / "records.jsonl", "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-    metrics = write_phase_report(records, out_dir, f"easy-vqa held-out, {phase.replace('_', ' ')}")
+    metrics = write_report(records, out_dir, title=f"easy-vqa held-out, {phase.replace('_', ' ')}")
     row = summary_row(metrics, records)
     (out_dir / "summary_row.json").write_text(json.dumps(row, indent=2), encoding="utf-8")
     print(
