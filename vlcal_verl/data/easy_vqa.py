@@ -89,3 +89,24 @@ def load_easy_vqa(
             )
         )
     return items
+
+
+def to_verl_rows(items: list[VQAItem], protocol: str = "decoupled") -> list[dict]:
+    """easy-vqa items → verl parquet rows (``data.schema``); the blank image is already in the item."""
+    from vlcal_verl.data.schema import make_row
+
+    return [
+        make_row(
+            question=it.question,
+            answer=it.answer,
+            images=[it.image],
+            data_source=DATA_SOURCE,
+            answer_kind=it.kind,
+            index=i,
+            uid=it.uid,
+            category="easy-vqa",
+            protocol=protocol,
+            unanswerable=it.data_source == UNANSWERABLE_SOURCE,
+        )
+        for i, it in enumerate(items)
+    ]

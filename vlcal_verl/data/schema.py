@@ -1,0 +1,154 @@
+"""The one parquet row schema every training set and benchmark is written in (verl 0.9.1 ``RLHFDataset``).
+
+verl reads ``prompt`` (a chat list whose user content holds one ``<image>`` placeholder per image),
+``images`` (a list of ``{"bytes": PNG}`` dicts, its ``image_key``), ``data_source``, ``ability``,
+``reward_model`` (``{"style": "rule", "ground_truth": ...}``) and ``extra_info`` (handed to the reward
+function). ``extra_info.answer_kind`` is the grading kind (math | multiple_choice | yes_no) that
+``grading.grade_answer`` receives, so training and evaluation grade an item the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+ANSWER_KINDS = ("math", "multiple_choice", "yes_no")
+ROW_KEYS = ("data_source", "prompt", "images", "ability", "reward_model", "extra_info")
+EXTRA_KEYS = ("index", "uid", "category", "answer_kind", "question", "unanswerable")
+MIN_PIXELS = 262_144  # DESIGN.md §5: 512×512
+MAX_PIXELS = 4_194_304  # 2048×2048
+
+
+def image_entry(image: Image.Image) -> dict[str, bytes]:
+    """PIL image → ``{"bytes": PNG}`` (what verl's ``process_image`` opens)."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return {"bytes": buf.getvalue()}
+
+
+def blank_like(image: Image.Image) -> Image.Image:
+    """White image of the same size: the 'image removed' (unanswerable) variant keeps the token count."""
+    return Image.new("RGB", image.size, (255, 255, 255))
+
+
+def fit_pixels(image: Image.Image, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Resize (aspect kept) so that width×height lies in [min_pixels, max_pixels]; unchanged if it already does."""
+    w, h = image.size
+    area = w * h
+    if min_pixels <= area <= max_pixels:
+        return image
+    scale = ((min_pixels if area < min_pixels else max_pixels) / area) ** 0.5
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if new[0] * new[1] > max_pixels:  # rounding up may overshoot
+        new = (max(1, int(w * scale)), max(1, int(h * scale)))
+    return image.resize(new, Image.Resampling.BICUBIC)
+
+
+def make_row(
+    *,
+    question: str,
+    answer: str,
+    images: Sequence[Image.Image],
+    data_source: str,
+    answer_kind: str,
+    index: int,
+    uid: str,
+    category: str = "",
+    ability: str = "visual_reasoning",
+    protocol: str = "decoupled",
+    unanswerable: bool = False,
+) -> dict[str, Any]:
+    """One verl row: ``<image>`` placeholders first, then the protocol instructions around ``question``."""
+    from vlcal_verl.protocol import build_prompt
+
+    if answer_kind not in ANSWER_KINDS:
+        raise ValueError(f"answer_kind must be one of {ANSWER_KINDS}, got {answer_kind!r} (uid {uid})")
+    if unanswerable:
+        images = [blank_like(im) for im in images]
+    content = "<image>" * len(images) + "\n" + build_prompt(question, protocol)
+    return {
+        "data_source": data_source + ("-unanswerable" if unanswerable else ""),
+        "prompt": [{"role": "user", "content": content}],
+        "images": [image_entry(im) for im in images],
+        "ability": ability,
+        "reward_model": {"style": "rule", "ground_truth": str(answer)},
+        "extra_info": {
+            "index": int(index),
+            "uid": str(uid),
+            "category": str(category or ""),
+            "answer_kind": answer_kind,
+            "question": question,
+            "unanswerable": bool(unanswerable),
+        },
+    }
+
+
+def validate_row(row: Mapping[str, Any], where: str = "row") -> None:
+    """Raise ``ValueError`` naming the field when ``row`` does not follow the schema."""
+    for key in ROW_KEYS:
+        if key not in row:
+            raise ValueError(f"{where}: missing field {key!r}")
+    prompt = row["prompt"]
+    if not (isinstance(prompt, list | tuple) and prompt and all(isinstance(m, Mapping) for m in prompt)):
+        raise ValueError(f"{where}: field 'prompt' must be a non-empty list of chat messages")
+    text = "".join(str(m.get("content", "")) for m in prompt)
+    n_images = len(row["images"])
+    if text.count("<image>") != n_images:
+        raise ValueError(
+            f"{where}: field 'prompt' has {text.count('<image>')} <image> but 'images' has {n_images}"
+        )
+    for j, im in enumerate(row["images"]):
+        if not (isinstance(im, Mapping) and isinstance(im.get("bytes"), bytes | bytearray) and im["bytes"]):
+            raise ValueError(f"{where}: field 'images[{j}]' must be {{'bytes': <encoded image>}}")
+    rm = row["reward_model"]
+    if not (
+        isinstance(rm, Mapping) and rm.get("style") == "rule" and isinstance(rm.get("ground_truth"), str)
+    ):
+        raise ValueError(f"{where}: field 'reward_model' must be {{'style': 'rule', 'ground_truth': str}}")
+    extra = row["extra_info"]
+    for key in EXTRA_KEYS:
+        if not isinstance(extra, Mapping) or key not in extra:
+            raise ValueError(f"{where}: missing field 'extra_info.{key}'")
+    if extra["answer_kind"] not in ANSWER_KINDS:
+        raise ValueError(f"{where}: field 'extra_info.answer_kind' must be one of {ANSWER_KINDS}")
+
+
+def validate_rows(rows: Sequence[Mapping[str, Any]]) -> None:
+    """Validate every row and that ``extra_info.uid`` is unique."""
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        validate_row(row, where=f"row {i}")
+        uid = row["extra_info"]["uid"]
+        if uid in seen:
+            raise ValueError(f"row {i}: duplicate 'extra_info.uid' {uid!r}")
+        seen.add(uid)
+
+
+def write_parquet(rows: Sequence[Mapping[str, Any]], path: str | Path) -> str:
+    """Validate and write ``rows`` to ``path``; returns the file's sha256."""
+    import pandas as pd
+
+    validate_rows(rows)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(list(rows)).to_parquet(path, index=False)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_parquet(path: str | Path) -> list[dict[str, Any]]:
+    """Rows back as plain Python objects (lists, dicts, bytes)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def write_manifest(out_dir: Path, info: Mapping[str, Any]) -> Path:
+    path = Path(out_dir) / "manifest.json"
+    path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
