@@ -153,16 +153,39 @@ def vision_char_span(text: str) -> tuple[int, int] | None:
 
 
 class _Tags:
-    """Positions of every protocol tag in a text, for earliest-after lookups in O(log n)."""
+    """Positions of every protocol tag in a text, for earliest-after lookups in O(log n).
+
+    Tags are found by jumping from ``<`` to ``<`` with ``str.find`` and trying ``_TAG_RE`` there: a tag
+    match holds exactly one ``<`` (its first character), so this yields the same non-overlapping
+    matches as ``_TAG_RE.finditer`` at a fraction of the cost on typical text. Past 256 ``<`` the rest
+    of the text is left to ``finditer`` so the Python loop stays short on adversarial input.
+    """
 
     def __init__(self, text: str) -> None:
         # key "/think" for </think>, "think" for <think> → ([starts], [ends])
         self.found: dict[str, tuple[list[int], list[int]]] = {}
-        for m in _TAG_RE.finditer(text):
-            slash, name = m.groups()
-            starts, ends = self.found.setdefault(slash + name, ([], []))
+        setdefault, find, match, pos = self.found.setdefault, text.find, _TAG_RE.match, 0
+        for _ in range(256):
+            pos = find("<", pos)
+            if pos < 0:
+                return
+            m = match(text, pos)
+            if m is None:
+                pos += 1
+                continue
+            starts, ends = setdefault(m.group(1) + m.group(2), ([], []))
+            starts.append(pos)
+            ends.append(pos := m.end())
+        for m in _TAG_RE.finditer(text, pos):
+            starts, ends = setdefault(m.group(1) + m.group(2), ([], []))
             starts.append(m.start())
             ends.append(m.end())
+
+    def vision_span(self) -> tuple[int, int] | None:
+        """Same as :func:`vision_char_span`: z_vis between the first ``<vision>`` and the next ``</vision>``."""
+        opening = self.find("vision", False, 0)
+        closing = None if opening is None else self.find("vision", True, opening[1])
+        return None if closing is None else (opening[1], closing[0])
 
     def find(self, name: str, closing: bool, pos: int) -> tuple[int, int] | None:
         """(start, end) of the first ``<name>`` (or ``</name>``) starting at or after ``pos``."""
@@ -170,6 +193,8 @@ class _Tags:
         if found is None:
             return None
         starts, ends = found
+        if len(starts) == 1:  # the usual case: each tag once
+            return (starts[0], ends[0]) if starts[0] >= pos else None
         i = bisect.bisect_left(starts, pos)
         return (starts[i], ends[i]) if i < len(starts) else None
 
@@ -341,7 +366,7 @@ def _parse(text: str, protocol: str) -> ParsedResponse:
     if protocol == "decoupled":
         c_v, c_r = values
         confidence = overall_confidence(c_v, c_r) if parse_ok else None
-        span = vision_char_span(text)
+        span = tags.vision_span()
         vision = text[span[0] : span[1]].strip() if span else None
         reasoning = _strip(_block(tags, text, "reasoning", 0)[0])
     else:

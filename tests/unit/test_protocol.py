@@ -447,3 +447,22 @@ def test_many_unbalanced_boxes_stay_linear():
     text = "<think><vision>a</vision><reasoning>b</reasoning></think>" + "\\boxed{" * 20000 + "x}"
     p = parse_response(text)
     assert p.answer is None and not p.format_ok  # the outermost box never closes: cut off
+
+
+_TAG_PIECES = ["<", ">", "/", " ", "\n", "vision", "vision_confidence", "think", "confidence", "x", "é", "🐱"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(_TAG_PIECES), max_size=120), st.integers(0, 300))
+def test_tag_scan_matches_finditer(pieces, n_lt):
+    """_Tags' jump-from-'<' scan finds exactly the matches of _TAG_RE.finditer (brute force), also
+    past its 256-'<' fallback to finditer."""
+    from vlcal_verl.protocol import _TAG_RE, _Tags
+
+    text = "<" * n_lt + "".join(pieces) if n_lt > 250 else "".join(pieces)
+    expected: dict[str, tuple[list[int], list[int]]] = {}
+    for m in _TAG_RE.finditer(text):
+        starts, ends = expected.setdefault(m.group(1) + m.group(2), ([], []))
+        starts.append(m.start())
+        ends.append(m.end())
+    assert _Tags(text).found == expected
