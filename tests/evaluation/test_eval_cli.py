@@ -52,6 +52,9 @@ def test_eval_generations_file(tmp_path, capsys):
     # Φ = 2·0.8·0.9/1.7 for the two parsed rows, unparsed counts 0; one of three correct
     assert o["n"] == 3 and o["accuracy"] == pytest.approx(1 / 3)
     assert o["parse_rate"] == pytest.approx(2 / 3)
+    phi = 2 * 0.8 * 0.9 / 1.7
+    assert o["mean_conf"] == pytest.approx(2 * phi / 3)
+    assert o["unanswerable_gap"] == pytest.approx(2 * phi / 3 - phi)  # mean Φ answerable − unanswerable
     assert "b" in (out / "report.md").read_text()
 
 
@@ -99,4 +102,6 @@ def test_eval_tiny_model_easy_vqa_with_gap(tmp_path):
     m = _check_report(out)
     assert m["overall"]["n"] == 16
     assert (out / "generations.jsonl").read_text().count("\n") == 32
-    assert "confidence_gap" in json.dumps(m)
+    o = m["overall"]
+    assert o["unanswerable"]["n"] == 16
+    assert o["unanswerable_gap"] == pytest.approx(o["mean_conf"] - o["unanswerable"]["mean_conf"])
