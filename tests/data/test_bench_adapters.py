@@ -282,3 +282,13 @@ def test_easy_vqa_offline_rows():
     assert [r["extra_info"]["uid"] for r in rows] == [
         r["extra_info"]["uid"] for r in benchmark_rows("easy-vqa", limit=4, seed=1)
     ]
+
+
+def test_cli_bench_easy_vqa_writes_parquet_and_manifest(tmp_path):
+    from vlcal_verl.cli import main
+
+    assert main(["data", "bench", "easy-vqa", "--limit", "3", "--unanswerable", "--out", str(tmp_path)]) == 0
+    rows = read_parquet(tmp_path / "easy-vqa-unanswerable.parquet")
+    validate_rows(rows)
+    m = json.loads((tmp_path / "easy-vqa-unanswerable.manifest.json").read_text())
+    assert m["rows"] == 3 == sum(m["answer_kinds"].values())

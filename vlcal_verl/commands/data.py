@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             )
         else:
             from vlcal_verl.data.benchmarks import benchmark_rows
-            from vlcal_verl.data.schema import write_manifest, write_parquet
+            from vlcal_verl.data.schema import write_parquet
 
             rows = benchmark_rows(
                 args.name,
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                 },
                 "sha256": {fname: write_parquet(rows, args.out / fname)},
             }
-            write_manifest(args.out, m)
+            (args.out / f"{args.name}{suffix}.manifest.json").write_text(json.dumps(m, indent=2) + "\n")
     except (OSError, ValueError, RuntimeError) as err:
         print(f"vlcal data: {err}", file=sys.stderr)
         return 2

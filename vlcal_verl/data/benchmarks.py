@@ -240,7 +240,7 @@ def read_local(source: Path) -> tuple[Iterator[Mapping[str, Any]], Path]:
         else sorted(
             p
             for p in source.rglob("*")
-            if p.suffix in (".parquet", ".jsonl", ".json") and p.name != "manifest.json"
+            if p.suffix in (".parquet", ".jsonl", ".json") and not p.name.endswith("manifest.json")
         )
     )
     if not files:

@@ -134,7 +134,7 @@ def generate_vllm(
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_path)
-    llm = LLM(model=model_path, tensor_parallel_size=tp, limit_mm_per_prompt={"image": 4}, seed=settings.seed)
+    llm = LLM(model=model_path, tensor_parallel_size=tp, limit_mm_per_prompt={"image": 8}, seed=settings.seed)
     params = SamplingParams(
         temperature=settings.temperature, top_p=settings.top_p, max_tokens=settings.max_new_tokens
     )
