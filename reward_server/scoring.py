@@ -156,10 +156,15 @@ class ScoringService:
     async def _score_one(self, item: schemas.ScoreItem, cfg: RewardConfig) -> schemas.ScoreResult:
         start = time.perf_counter()
         try:
-            grade = await self._grade(item, cfg)
-            out = rewards.score_response(
-                item.response, item.ground_truth, item.data_source, config=cfg, grade=grade
-            )
+            if cfg.reference_parity:  # the authors' grading (mathruler in-process), as compute_score does
+                out = await asyncio.to_thread(
+                    rewards.score_response, item.response, item.ground_truth, item.data_source, config=cfg
+                )
+            else:
+                grade = await self._grade(item, cfg)
+                out = rewards.score_response(
+                    item.response, item.ground_truth, item.data_source, config=cfg, grade=grade
+                )
         except Exception as err:  # one bad item never fails the batch
             self.metrics.items.labels(status="error").inc()
             return schemas.ScoreResult(
