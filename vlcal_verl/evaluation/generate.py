@@ -9,6 +9,7 @@ what training optimises.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,20 +122,29 @@ def generate_hf(model, processor, items: Sequence[Any], settings: GenerationSett
     return texts
 
 
-def generate_vllm(
-    model_path: str, items: Sequence[Any], settings: GenerationSettings, tp: int = 1
-) -> list[str]:
-    """vLLM generation (GPU). Needs ``pip install -e '.[gpu]'``."""
+@functools.lru_cache(maxsize=1)
+def _vllm_engine(model_path: str, tp: int, seed: int):
+    """(vllm.LLM, processor), built once per process: ``vlcal eval`` calls ``generate_vllm`` once per
+    benchmark, and a second ``LLM`` would find the GPU memory held by the first."""
     try:
-        from vllm import LLM, SamplingParams
+        from vllm import LLM
     except ImportError as err:
         raise RuntimeError(
             "--backend vllm needs vLLM (GPU): pip install -e '.[gpu]'; use --backend hf on a CPU"
         ) from err
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(model_path)
-    llm = LLM(model=model_path, tensor_parallel_size=tp, limit_mm_per_prompt={"image": 8}, seed=settings.seed)
+    llm = LLM(model=model_path, tensor_parallel_size=tp, limit_mm_per_prompt={"image": 8}, seed=seed)
+    return llm, AutoProcessor.from_pretrained(model_path)
+
+
+def generate_vllm(
+    model_path: str, items: Sequence[Any], settings: GenerationSettings, tp: int = 1
+) -> list[str]:
+    """vLLM generation (GPU). Needs ``pip install -e '.[gpu]'``; the engine is reused across calls."""
+    llm, processor = _vllm_engine(model_path, tp, settings.seed)  # clear error first when vLLM is missing
+    from vllm import SamplingParams
+
     params = SamplingParams(
         temperature=settings.temperature, top_p=settings.top_p, max_tokens=settings.max_new_tokens
     )
