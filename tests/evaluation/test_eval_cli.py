@@ -105,3 +105,31 @@ def test_eval_tiny_model_easy_vqa_with_gap(tmp_path):
     o = m["overall"]
     assert o["unanswerable"]["n"] == 16
     assert o["unanswerable_gap"] == pytest.approx(o["mean_conf"] - o["unanswerable"]["mean_conf"])
+
+
+def test_eval_bench_all_needs_prepared_files(tmp_path, capsys):
+    rc = main(
+        [
+            "eval",
+            "--model",
+            "tiny:qwen3-vl",
+            "--bench",
+            "all",
+            "--data-dir",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert rc == 2 and "no NAME.parquet" in capsys.readouterr().err
+
+
+def test_load_bench_items_round_trip(tmp_path):
+    from vlcal_verl.data.benchmarks import benchmark_rows
+    from vlcal_verl.data.schema import write_parquet
+    from vlcal_verl.evaluation.generate import load_bench_items
+
+    write_parquet(benchmark_rows("easy-vqa-unanswerable", limit=3), tmp_path / "x.parquet")
+    items = load_bench_items(tmp_path / "x.parquet", limit=2)
+    assert len(items) == 2 and items[0].unanswerable and items[0].images[0].size == (64, 64)
+    assert "\\boxed" not in items[0].question  # the bare question; instructions are added at generation

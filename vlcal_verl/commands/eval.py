@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--bench",
         default="easy-vqa",
-        help=f"comma-separated; offline: {', '.join(BENCHES)}; others read DATA_DIR/NAME.parquet",
+        help=f"comma-separated, or 'all'; offline: {', '.join(BENCHES)}; others read DATA_DIR/NAME.parquet",
     )
     p.add_argument(
         "--data-dir", type=Path, default=None, help="folder of `vlcal data bench` outputs (NAME.parquet)"
@@ -77,6 +77,12 @@ def _generate(args: argparse.Namespace) -> list[dict]:
 
     names = [b.strip() for b in args.bench.split(",") if b.strip()]
     data_dir = args.data_dir or Path(".")
+    if names == ["all"]:  # every prepared benchmark in --data-dir
+        names = sorted(p.stem for p in data_dir.glob("*.parquet"))
+        if not names:
+            raise ValueError(
+                f"--bench all: no NAME.parquet in {data_dir} (run `vlcal data bench NAME --out DIR`)"
+            )
     missing = [b for b in names if b not in BENCHES and not (data_dir / f"{b}.parquet").exists()]
     if missing:
         raise ValueError(
