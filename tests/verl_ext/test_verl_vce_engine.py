@@ -12,11 +12,9 @@ import os
 import socket
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from PIL import Image
 from tensordict import NonTensorStack, TensorDict
 from verl.utils import tensordict_utils as tu
 from verl.workers.engine.fsdp import transformer_impl
@@ -76,51 +74,12 @@ def tiny(tmp_path_factory):
 
 def _verl_batch(model, proc):
     """A verl-shaped per-sample batch (what TransferQueue hands the actor worker)."""
-    tok = proc.tokenizer
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
-    text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    rows = []
-    for i, resp_text in enumerate(RESPONSES):
-        img = Image.fromarray((np.random.default_rng(i).random((64, 96 + 32 * i, 3)) * 255).astype("uint8"))
-        enc = proc(text=[text], images=[img], return_tensors="pt")
-        prompt, resp = (
-            enc["input_ids"][0],
-            torch.tensor(tok(resp_text, add_special_tokens=False)["input_ids"]),
-        )
-        ids = torch.cat([prompt, resp])
-        mm_tt = (ids == model.config.image_token_id).int()[None]
-        vis, _ = model.model.get_rope_index(
-            ids[None], mm_tt, enc["image_grid_thw"], attention_mask=torch.ones_like(ids)[None]
-        )
-        rows.append(
-            {
-                "prompts": prompt,
-                "responses": resp,
-                "input_ids": ids,
-                "position_ids": torch.cat([torch.arange(len(ids))[None], vis[:, 0]], 0),
-                "mm": {"pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"]},
-            }
-        )
-    nested = {
-        k: torch.nested.as_nested_tensor([r[k] for r in rows], layout=torch.jagged)
-        for k in ("prompts", "responses", "input_ids", "position_ids")
-    }
-    data = TensorDict(
-        {
-            **nested,
-            "loss_mask": torch.nested.as_nested_tensor(
-                [torch.ones_like(r["responses"]) for r in rows], layout=torch.jagged
-            ),
-            "multi_modal_inputs": NonTensorStack(*[r["mm"] for r in rows]),
-            "uid": NonTensorStack(*["u0", "u0", "u1"]),
-            "session_id": NonTensorStack(*[0, 1, 0]),
-        },
-        batch_size=len(rows),
-    )
-    from vlcal_verl.spans import vision_token_spans
+    from vlcal_verl.verl_ext.check import tiny_verl_batch
 
-    spans = vision_token_spans([r["responses"].numpy() for r in rows], tok)
-    return data, rows, torch.tensor([list(s) if s else [-1, -1] for s in spans])
+    data, rows, spans, _ = tiny_verl_batch(model, proc, RESPONSES)
+    data.set("uid", NonTensorStack(*["u0", "u0", "u1"]))
+    data.set("session_id", NonTensorStack(*[0, 1, 0]))
+    return data, rows, spans
 
 
 def _engine(model):
