@@ -96,3 +96,8 @@ def test_visual_agreement_against_scipy_and_sklearn():
     assert out["auroc"] == pytest.approx(roc_auc_score(j, s))
     assert out["spearman"] == pytest.approx(spearmanr(s, j).statistic)
     assert out["kendall"] == pytest.approx(kendalltau(s, j).statistic)
+
+
+def test_numpy_confidences_are_accepted():
+    m = compute_report_metrics([_r(np.float32(0.5), True), _r(np.float64(0.25), False)])
+    assert m["overall"]["mean_conf"] == pytest.approx(0.375)

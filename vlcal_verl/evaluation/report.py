@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ def _check_records(records: Sequence[Mapping[str, Any]]) -> None:
             if key not in r:
                 raise ValueError(f"record {i}: missing field {key!r}")
         c = r["confidence"]
-        if c is not None and not (isinstance(c, int | float) and 0.0 <= float(c) <= 1.0):
+        if c is not None and not (isinstance(c, numbers.Real) and 0.0 <= float(c) <= 1.0):
             raise ValueError(f"record {i}: field 'confidence' must be null or a number in [0, 1], got {c!r}")
 
 
