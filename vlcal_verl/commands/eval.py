@@ -20,6 +20,15 @@ BENCHES = {
 }
 
 
+DEFAULT_MAX_NEW_TOKENS = 256
+TINY_MAX_NEW_TOKENS = 48
+
+
+def default_max_new_tokens(model: str) -> int:
+    """A tiny random model never emits end-of-turn, so a short budget keeps the offline smoke run fast."""
+    return TINY_MAX_NEW_TOKENS if model.startswith("tiny:") else DEFAULT_MAX_NEW_TOKENS
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint path / hub id, or tiny:qwen3-vl | tiny:qwen2.5-vl")
@@ -37,7 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="items per benchmark")
     p.add_argument("--out", type=Path, required=True, help="report folder")
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"default {DEFAULT_MAX_NEW_TOKENS}; {TINY_MAX_NEW_TOKENS} for tiny:* models (random weights never stop)",
+    )
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--batch-size", type=int, default=16)
@@ -90,7 +104,7 @@ def _generate(args: argparse.Namespace) -> list[dict]:
             "prepare with `vlcal data bench NAME --out DIR` and pass --data-dir DIR"
         )
     settings = GenerationSettings(
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=args.max_new_tokens or default_max_new_tokens(args.model),
         temperature=args.temperature,
         top_p=args.top_p,
         batch_size=args.batch_size,
