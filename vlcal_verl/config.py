@@ -73,6 +73,17 @@ class TARConfig:
     """ε in s_t = log(KL_t + ε) − log(H_t + ε)."""
 
 
+def _cast(cls: type, section: str, name: str, value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` as a string: cast strings for float/int fields, naming the field on error."""
+    default = cls.__dataclass_fields__[name].default
+    if isinstance(value, str) and isinstance(default, int | float) and not isinstance(default, bool):
+        try:
+            return type(default)(float(value)) if isinstance(default, float) else int(value)
+        except ValueError:
+            raise ValueError(f"vlcal.{section}.{name} must be a number, got {value!r}") from None
+    return value
+
+
 @dataclass
 class VLCalConfig:
     """The ``vlcal:`` block shared by the verl trainer, the local engine and the reward server."""
@@ -118,7 +129,7 @@ class VLCalConfig:
                 unknown = set(value or {}) - set(known)
                 if unknown:
                     raise ValueError(f"unknown key(s) in vlcal.{key}: {sorted(unknown)}")
-                kwargs[key] = sub(**(value or {}))
+                kwargs[key] = sub(**{k: _cast(sub, key, k, v) for k, v in (value or {}).items()})
             elif key in cls.__dataclass_fields__:
                 kwargs[key] = value
             else:
