@@ -292,6 +292,18 @@ async def compute_score(
     return to_reward_dict(result)
 
 
+def _batch_items(
+    data_sources: list[Any],
+    solution_strs: list[str],
+    ground_truths: list[Any],
+    extra_infos: list[dict[str, Any] | None] | None,
+) -> list[dict[str, Any]]:
+    """The /v1/score items of a batch call (uid = position in the batch)."""
+    extra_infos = extra_infos or [None] * len(solution_strs)
+    rows = zip(data_sources, solution_strs, ground_truths, extra_infos, strict=True)
+    return [make_item(i, ds, s, gt, ei) for i, (ds, s, gt, ei) in enumerate(rows)]
+
+
 async def compute_score_batch_async(
     data_sources: list[Any],
     solution_strs: list[str],
@@ -301,13 +313,7 @@ async def compute_score_batch_async(
 ) -> list[dict[str, Any]]:
     """Score a whole batch in ``max_batch``-sized requests (concurrently); same dicts as compute_score."""
     options = ClientOptions.from_kwargs(kwargs)
-    extra_infos = extra_infos or [None] * len(solution_strs)
-    items = [
-        make_item(i, ds, s, gt, ei)
-        for i, (ds, s, gt, ei) in enumerate(
-            zip(data_sources, solution_strs, ground_truths, extra_infos, strict=True)
-        )
-    ]
+    items = _batch_items(data_sources, solution_strs, ground_truths, extra_infos)
     client = _batcher(options).client
     chunks = [items[i : i + options.max_batch] for i in range(0, len(items), options.max_batch)]
     results = await asyncio.gather(*(client.score(chunk, options.weights()) for chunk in chunks))
@@ -323,13 +329,7 @@ def compute_score_batch(
 ) -> list[dict[str, Any]]:
     """Synchronous batch variant (the ``BatchRewardManager`` signature of older verl, scripts, notebooks)."""
     options = ClientOptions.from_kwargs(kwargs)
-    extra_infos = extra_infos or [None] * len(solution_strs)
-    items = [
-        make_item(i, ds, s, gt, ei)
-        for i, (ds, s, gt, ei) in enumerate(
-            zip(data_sources, solution_strs, ground_truths, extra_infos, strict=True)
-        )
-    ]
+    items = _batch_items(data_sources, solution_strs, ground_truths, extra_infos)
     out: list[dict[str, Any]] = []
     with httpx.Client(base_url=options.server_url, timeout=options.timeout_s) as http:
         for i in range(0, len(items), options.max_batch):
