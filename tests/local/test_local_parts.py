@@ -131,7 +131,7 @@ def test_summary_row_reads_vlcal_eval_report(tmp_path):
         rec(0.5, False, True),
         rec(0.3, False, True),
     ]
-    row = summary_row(write_report(records, tmp_path, title="t"), records)
+    row = summary_row(write_report(records, tmp_path, title="t"))
     assert row["accuracy"] == pytest.approx(0.5)  # 2 of 4 answerable; unparsed counts as wrong
     assert row["parse_rate"] == pytest.approx(0.75)
     assert row["unanswerable_gap"] == pytest.approx((0.8 + 0.4 + 0.0 + 0.6) / 4 - 0.4)  # unparsed Φ = 0

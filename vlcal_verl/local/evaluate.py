@@ -89,31 +89,12 @@ def generate_records(
     return records
 
 
-def _mean(values: list[Any]) -> float:
-    vals = [float(v) for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else float("nan")
+def summary_row(report: dict[str, Any]) -> dict[str, float | None]:
+    """The table's numbers, read from ``write_report``'s ``overall`` block (the same as ``vlcal eval``).
 
-
-def summary_row(report: dict[str, Any], records: list[dict]) -> dict[str, float]:
-    """The table's numbers, from ``write_report``'s ``overall`` block (the same as ``vlcal eval``).
-
-    Keys the report lacks (the fallback path) are computed here from the records: accuracy with
-    unparsed = wrong, parse rate, mean c_v/c_r, gap = mean Φ(real image) − mean Φ(blank image).
+    Every number comes from the report, so the demo table and ``vlcal eval`` cannot disagree.
     """
-    answerable = [r for r in records if not r["unanswerable"]]
-    blank = [r for r in records if r["unanswerable"]]
-    overall = (report.get("overall") or report) if isinstance(report, dict) else {}
-    own = {
-        "accuracy": _mean([float(r["correct"]) for r in answerable]),
-        "parse_rate": _mean([float(r["parse_ok"]) for r in answerable]),
-        "mean_vision_confidence": _mean([r["vision_confidence"] for r in answerable]),
-        "mean_reasoning_confidence": _mean([r["reasoning_confidence"] for r in answerable]),
-        "unanswerable_gap": (
-            _mean([r["confidence"] for r in answerable]) - _mean([r["confidence"] for r in blank])
-            if blank
-            else None
-        ),
-    }
+    overall = report.get("overall") or {}
     keys = (
         "parse_rate",
         "accuracy",
@@ -122,10 +103,9 @@ def summary_row(report: dict[str, Any], records: list[dict]) -> dict[str, float]
         "brier",
         "mean_vision_confidence",
         "mean_reasoning_confidence",
+        "unanswerable_gap",
     )
-    row = {k: overall.get(k, own.get(k)) for k in keys}
-    row["unanswerable_gap"] = overall.get("unanswerable_gap", own["unanswerable_gap"])
-    return row
+    return {k: overall.get(k) for k in keys}
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:

@@ -29,7 +29,7 @@ def evaluate_phase(engine, phase: str) -> dict[str, Any]:
         for r in records:
             f.write(json.dumps(r) + "\n")
     metrics = write_report(records, out_dir, title=f"easy-vqa held-out, {phase.replace('_', ' ')}")
-    row = summary_row(metrics, records)
+    row = summary_row(metrics)
     (out_dir / "summary_row.json").write_text(json.dumps(row, indent=2), encoding="utf-8")
     print(
         f"[eval {phase}] " + " ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)),
