@@ -48,6 +48,76 @@ _BRACE_RE = re.compile(r"[{}]")
 _NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)", re.ASCII)
 MAX_CONFIDENCE = 10.0
 
+# The fast path: a response laid out exactly as the protocol asks, with no other '<' and exactly one
+# \boxed/\fbox (the answer, between </think> and <analysis>), is read by one fullmatch. Its segments
+# cannot contain '<' and every tag starts with one, so the split points are forced and the match is
+# linear. Anything else (a stray '<', a second box, a missing tag) takes the general scanner below;
+# both give the same ParsedResponse wherever the fast path applies (tests/unit/test_protocol.py).
+_PLAIN = "[^<]*"
+_BOX_NAME_RE = re.compile(r"\\(?:boxed|fbox)")
+
+
+def _open_tag(name: str) -> str:
+    return f"<{WS}{name}{WS}>"
+
+
+def _close_tag(name: str) -> str:
+    return f"<{WS}/{WS}{name}{WS}>"
+
+
+def _group(name: str, body: str = _PLAIN) -> str:
+    return f"(?P<{name}>{body})"
+
+
+_FAST_LAYOUT = {
+    "decoupled": re.compile(
+        _PLAIN
+        + _open_tag("think")
+        + _PLAIN
+        + _open_tag("vision")
+        + _group("vision")
+        + _close_tag("vision")
+        + _PLAIN
+        + _open_tag("reasoning")
+        + _group("reasoning")
+        + _close_tag("reasoning")
+        + _PLAIN
+        + _close_tag("think")
+        + _group("mid")
+        + _open_tag("analysis")
+        + _group("analysis")
+        + _close_tag("analysis")
+        + _PLAIN
+        + _open_tag("confidence")
+        + _PLAIN
+        + _open_tag("vision_confidence")
+        + _group("c_v")
+        + _close_tag("vision_confidence")
+        + _PLAIN
+        + _open_tag("reasoning_confidence")
+        + _group("c_r")
+        + _close_tag("reasoning_confidence")
+        + _PLAIN
+        + _close_tag("confidence")
+        + _PLAIN
+    ),
+    "rlcr": re.compile(
+        _PLAIN
+        + _open_tag("think")
+        + _PLAIN
+        + _close_tag("think")
+        + _group("mid")
+        + _open_tag("analysis")
+        + _group("analysis")
+        + _close_tag("analysis")
+        + _PLAIN
+        + _open_tag("confidence")
+        + _group("c")
+        + _close_tag("confidence")
+        + _PLAIN
+    ),
+}
+
 DECOUPLED_INSTRUCTIONS = """\
 First think the problem through, then answer, then say how sure you are.
 
@@ -218,6 +288,8 @@ def _read_confidence(raw: str | None, name: str) -> tuple[float | None, str | No
     if raw is None:
         return None, f"missing <{name}>"
     value = raw.strip()
+    if len(value) == 1 and "0" <= value <= "9":  # the usual answer, a single digit
+        return int(value) / MAX_CONFIDENCE, None
     if not _NUMBER_RE.fullmatch(value):
         return None, f"{name} is not a number: {value[:40]!r}"
     number = float(value)
@@ -349,7 +421,7 @@ def parse_response(text: str, protocol: str = "decoupled") -> ParsedResponse:
     if bad_protocol:
         return _unparsed(protocol, "unknown protocol")
     try:
-        return _parse(text, protocol)
+        return _parse_fast(text, protocol) or _parse(text, protocol)
     except Exception as err:  # defensive: a reward function must never crash on a rollout
         return _unparsed(protocol, f"parser error: {type(err).__name__}")
 
@@ -358,7 +430,49 @@ def _unparsed(protocol: str, failure: str) -> ParsedResponse:
     return ParsedResponse(protocol, False, False, failure, None, None, None, None, None, None, None)
 
 
+def _parse_fast(text: str, protocol: str) -> ParsedResponse | None:
+    """The parse of a response in the exact layout (see ``_FAST_LAYOUT``), or None for anything else."""
+    m = _FAST_LAYOUT[protocol].fullmatch(text)
+    if m is None:
+        return None
+    answer_segment = m["mid"]  # between </think> and <analysis>
+    # the only box of the text in that segment and closing there: both box readers then agree with
+    # their whole-text runs; anything else (or "\\boxed {", which only one of them reads) goes the
+    # general way
+    box = _BOX_RE.search(answer_segment)
+    if box is None or len(_BOX_NAME_RE.findall(text)) != 1:
+        return None
+    close = _close_of(answer_segment, box.end())
+    if close is None:
+        return None
+    answer = answer_segment[box.end() : close].strip()
+    analysis = m["analysis"].strip()
+    if protocol == "rlcr":
+        c, why = _read_confidence(m["c"], "confidence")
+        return ParsedResponse(
+            protocol, why is None, c is not None, why, None, None, answer, analysis, None, None, c
+        )
+    c_v, why_v = _read_confidence(m["c_v"], "vision_confidence")
+    c_r, why_r = _read_confidence(m["c_r"], "reasoning_confidence")
+    parse_ok = c_v is not None and c_r is not None
+    failure = why_v or why_r
+    return ParsedResponse(
+        protocol=protocol,
+        format_ok=failure is None,
+        parse_ok=parse_ok,
+        failure=failure,
+        vision=m["vision"].strip(),
+        reasoning=m["reasoning"].strip(),
+        answer=answer,
+        analysis=analysis,
+        vision_confidence=c_v,
+        reasoning_confidence=c_r,
+        confidence=overall_confidence(c_v, c_r) if parse_ok else None,
+    )
+
+
 def _parse(text: str, protocol: str) -> ParsedResponse:
+    """The general scanner: any text, linear time."""
     tags = _Tags(text)
     values, conf_start, conf_failure = _parse_confidences(tags, text, protocol)
     parse_ok = all(v is not None for v in values)

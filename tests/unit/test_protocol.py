@@ -466,3 +466,97 @@ def test_tag_scan_matches_finditer(pieces, n_lt):
         starts.append(m.start())
         ends.append(m.end())
     assert _Tags(text).found == expected
+
+
+# --- the fast path (one fullmatch of the exact layout) must agree with the general scanner ---------
+
+FAST_CASES = [  # (text, protocol): layouts the fast path reads itself
+    (GOOD, "decoupled"),
+    ("Sure!\n" + GOOD + "\nThanks.", "decoupled"),
+    (GOOD.replace("<vision>", "< vision >").replace("</think>", "< / think >"), "decoupled"),
+    (conf("7.5", "10"), "decoupled"),
+    (conf("11", "x"), "decoupled"),  # out of range / not a number: read by the fast path, F = 0
+    (GOOD.replace("\\boxed{2}", "\\boxed{\\frac{1}{2}}"), "decoupled"),
+    (GOOD.replace("\\boxed{2}", "so \\fbox{ 12 } it is"), "decoupled"),
+    (RLCR_GOOD, "rlcr"),
+]
+SLOW_CASES = [  # (text, protocol): the fast path declines, the scanner decides
+    (GOOD.replace("grass.", "grass, x < 3."), "decoupled"),  # a stray '<'
+    (GOOD.replace("them: 2.", "them: \\boxed{1}."), "decoupled"),  # a second box
+    (GOOD.replace("\\boxed{2}", "\\boxed{2"), "decoupled"),  # the box does not close in its segment
+    (GOOD.replace("\\boxed{2}", "\\boxed {2}"), "decoupled"),  # only extract_boxed reads this one
+    (GOOD.replace("\\boxed{2}", "2"), "decoupled"),  # no box at all
+    (GOOD.replace("<reasoning>", ""), "decoupled"),
+    (GOOD, "rlcr"),
+    (RLCR_GOOD, "decoupled"),
+]
+
+
+@pytest.mark.parametrize(("text", "protocol"), FAST_CASES)
+def test_fast_path_reads_well_formed_layouts(text, protocol):
+    from vlcal_verl.protocol import _parse, _parse_fast
+
+    fast = _parse_fast(text, protocol)
+    assert fast is not None  # the fast path really applies here ...
+    assert fast == _parse(text, protocol) == parse_response(text, protocol)  # ... and agrees
+
+
+@pytest.mark.parametrize(("text", "protocol"), SLOW_CASES)
+def test_fast_path_declines_other_texts(text, protocol):
+    from vlcal_verl.protocol import _parse_fast
+
+    assert _parse_fast(text, protocol) is None
+
+
+_LAYOUT = {
+    "decoupled": [
+        "<think>",
+        "<vision>",
+        "</vision>",
+        "<reasoning>",
+        "</reasoning>",
+        "</think>",
+        "<analysis>",
+        "</analysis>",
+        "<confidence>",
+        "<vision_confidence>",
+        "</vision_confidence>",
+        "<reasoning_confidence>",
+        "</reasoning_confidence>",
+        "</confidence>",
+    ],
+    "rlcr": ["<think>", "</think>", "<analysis>", "</analysis>", "<confidence>", "</confidence>"],
+}
+_SAFE = ["", " ", "\n", "x", "é🐱", "{", "}", "3", "7.5"]
+_RISKY = ["\\boxed{", "\\fbox{", "\\boxed {", "<", "<b>", "1e1"]
+_FILLERS = _SAFE * 8 + _RISKY  # mostly text the fast path can take, now and then something it must not
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(["decoupled", "rlcr"]),
+    st.data(),
+)
+def test_fast_path_agrees_with_scanner_on_layout_variations(protocol, data):
+    """Texts in (or near) the protocol layout with random fillers between the tags (stray '<', boxes,
+    braces, numbers, multi-byte text, tag whitespace): wherever the fast path answers, it answers
+    exactly what the general scanner does."""
+    from vlcal_verl.protocol import _parse, _parse_fast
+
+    tags = list(_LAYOUT[protocol])
+    answer_slot = tags.index("</think>") + 1
+    pieces = []
+    for k in range(len(tags) + 1):
+        filler = "".join(data.draw(st.lists(st.sampled_from(_FILLERS), max_size=3)))
+        if k == answer_slot and data.draw(st.booleans()):
+            filler += "\\boxed{" + data.draw(st.sampled_from(["2", "x}", "{1}", ""])) + "}"
+        pieces.append(filler)
+        if k < len(tags):
+            tag = tags[k]
+            if data.draw(st.integers(0, 9)) == 0:
+                tag = tag.replace("<", "< ").replace(">", " >")
+            pieces.append(tag)
+    text = "".join(pieces)
+    fast = _parse_fast(text, protocol)
+    assert fast is None or fast == _parse(text, protocol)
+    assert parse_response(text, protocol) == _parse(text, protocol)
