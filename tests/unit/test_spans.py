@@ -290,3 +290,36 @@ def test_response_bytes_and_parse_response_ids(tok):
     assert response_bytes([], tok)[0] == b""
     with pytest.raises(ValueError, match="1-D"):
         response_bytes([[1, 2]], tok)
+
+
+def test_batches_equal_one_call_per_row(tok):
+    """parse_responses_ids / vision_token_spans gather CHUNK_ROWS rows at a time; every row must come
+    out exactly as its own call: rows of every length (empty, all padding, out-of-vocabulary ids,
+    a cut multi-byte character) on both sides of chunk boundaries, as lists and as a padded tensor."""
+    import torch
+
+    from vlcal_verl.protocol import parse_response
+    from vlcal_verl.spans import CHUNK_ROWS, parse_response_ids, parse_responses_ids
+
+    rng = random.Random(11)
+    rows = [tok.encode(random_text(rng), add_special_tokens=False) for _ in range(2 * CHUNK_ROWS + 5)]
+    rows[3] = []
+    rows[CHUNK_ROWS - 1] = [151900, 151901]  # out of vocabulary only: no bytes
+    rows[CHUNK_ROWS] = [*rows[CHUNK_ROWS][:5], -1, 151900, *rows[CHUNK_ROWS][5:]]
+    rows[CHUNK_ROWS + 1] = tok.encode("<vision>🐱</vision>", add_special_tokens=False)[:-3]  # cut
+    expected = [parse_response_ids(r, tok) for r in rows]
+    assert parse_responses_ids(rows, tok) == expected
+    assert vision_token_spans(rows, tok) == [vision_token_span(r, tok) for r in rows]
+    for r, (parsed, span) in zip(rows, expected, strict=True):  # the one-row path against its definition
+        table, _ = token_bytes_table(tok)
+        data = b"".join(table[i] if 0 <= i < len(table) else b"" for i in r)
+        assert parsed == parse_response(data.decode("utf-8", errors="replace"))
+        assert span == vision_token_span(r, tok)
+
+    width = max(map(len, rows)) + 3
+    padded = torch.tensor([[*r, *([PAD] * (width - len(r)))] for r in rows])
+    assert parse_responses_ids(padded, tok, stop_ids=[PAD]) == expected
+    assert parse_responses_ids(padded.numpy(), tok, stop_ids=(PAD,)) == expected
+    assert parse_responses_ids([], tok) == []
+    with pytest.raises(ValueError, match="2-D"):
+        parse_responses_ids(torch.zeros(3, dtype=torch.int64), tok)
