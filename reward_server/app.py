@@ -104,7 +104,13 @@ def _check_reward(spec: schemas.RewardSpec | None) -> None:
 
 
 def _reward_info(cfg: RewardConfig) -> schemas.RewardInfo:
-    weights = {"w_brier": cfg.w_brier, "w_fmt": cfg.w_fmt, "w_vis": cfg.w_vis, "protocol": cfg.protocol}
+    weights = {
+        "w_brier": cfg.w_brier,
+        "w_fmt": cfg.w_fmt,
+        "w_vis": cfg.w_vis,
+        "protocol": cfg.protocol,
+        "reference_parity": cfg.reference_parity,
+    }
     return schemas.RewardInfo(
         name=reward_server.REWARD_NAME, version=reward_server.REWARD_VERSION, weights=weights
     )

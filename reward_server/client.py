@@ -68,6 +68,8 @@ class ClientOptions:
     w_fmt: float | None = None
     w_vis: float | None = None
     protocol: str | None = None
+    reference_parity: bool | None = None
+    """True: the authors' decouple reward (as ``compute_score(..., reference_parity=True)``)."""
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> ClientOptions:
@@ -81,7 +83,7 @@ class ClientOptions:
         return cls(**{k: v for k, v in kwargs.items() if k in cls.__dataclass_fields__ and v is not None})
 
     def weights(self) -> dict[str, Any] | None:
-        chosen = {k: getattr(self, k) for k in ("w_brier", "w_fmt", "w_vis", "protocol")}
+        chosen = {k: getattr(self, k) for k in ("w_brier", "w_fmt", "w_vis", "protocol", "reference_parity")}
         chosen = {k: v for k, v in chosen.items() if v is not None}
         return chosen or None
 

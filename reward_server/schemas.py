@@ -55,12 +55,14 @@ class RewardSpec(_Strict):
 
 
 class Weights(_Strict):
-    """Per-request overrides of R = I + w_brier·(−(Φ − I)²) + w_fmt·F (+ w_vis·visual term)."""
+    """Per-request overrides of R = I + w_brier·(−(Φ − I)²) + w_fmt·F (+ w_vis·visual term), of the
+    protocol, and of ``reference_parity`` (the authors' decouple reward instead of ours)."""
 
     w_brier: float | None = None
     w_fmt: float | None = None
     w_vis: float | None = None
     protocol: Literal["decoupled", "rlcr"] | None = None
+    reference_parity: bool | None = None
 
     @model_validator(mode="after")
     def _finite(self) -> Weights:

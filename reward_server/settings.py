@@ -47,6 +47,8 @@ class ServerSettings:
     """Default weight of the format indicator F."""
     w_vis: float = RewardConfig.w_vis
     """Default weight of the visual term (used by /v1/visual-labels' visual_reward)."""
+    reference_parity: bool = False
+    """Default to the authors' decouple reward (their parsing, mathruler in-process); a request may override."""
     log_level: str = "info"
     """uvicorn log level."""
 
@@ -73,6 +75,7 @@ class ServerSettings:
             w_vis=self.w_vis,
             protocol=self.protocol,  # type: ignore[arg-type]
             grading_timeout_s=self.timeout,
+            reference_parity=self.reference_parity,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,22 +96,47 @@ _HELP = {
     "w_brier": "default Brier weight",
     "w_fmt": "default format weight",
     "w_vis": "default visual-term weight",
+    "reference_parity": "default to the authors' reward: --reference-parity [true|false]",
     "log_level": "uvicorn log level",
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one ``--flag`` per ServerSettings field (default None = take env var or default)."""
+    """Add one ``--flag`` per ServerSettings field (default None = take env var or default).
+
+    A bool field's flag alone means true (``--reference-parity``) and also takes a value
+    (``--reference-parity false``).
+    """
     for f in fields(ServerSettings):
         flag = "--" + f.name.replace("_", "-")
         env = ENV_PREFIX + f.name.upper()
         kind = _field_type(f.name)
-        parser.add_argument(flag, dest=f.name, type=kind, default=None, help=f"{_HELP[f.name]} [env {env}]")
+        extra: dict[str, Any] = {"nargs": "?", "const": True} if kind is parse_bool else {}
+        parser.add_argument(
+            flag, dest=f.name, type=kind, default=None, help=f"{_HELP[f.name]} [env {env}]", **extra
+        )
 
 
-def _field_type(name: str) -> type:
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_bool(text: str) -> bool:
+    """'1/true/yes/on' → True, '0/false/no/off' → False (any case); anything else is a ValueError.
+
+    ``bool("false")`` is True, which is why bool settings need their own parser.
+    """
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{text!r} is not a boolean (use one of {sorted(_TRUE | _FALSE)})")
+
+
+def _field_type(name: str):
     default = ServerSettings().__dict__[name]
-    return type(default)
+    return parse_bool if isinstance(default, bool) else type(default)
 
 
 def from_args(
@@ -128,5 +156,6 @@ def from_args(
             try:
                 values[f.name] = kind(environ[env])
             except ValueError as err:
-                raise ValueError(f"{env}={environ[env]!r} is not a valid {kind.__name__}") from err
+                name = "bool" if kind is parse_bool else kind.__name__
+                raise ValueError(f"{env}={environ[env]!r} is not a valid {name}") from err
     return ServerSettings(**values).validate()

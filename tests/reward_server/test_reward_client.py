@@ -178,6 +178,8 @@ def test_options_from_verl_reward_kwargs(monkeypatch):
     opts = client.ClientOptions.from_kwargs({"max_retries": 2, "reward_router_address": None, "w_fmt": 0.0})
     assert opts.server_url == "http://rm:9000" and opts.max_retries == 2
     assert opts.weights() == {"w_fmt": 0.0}
+    parity = client.ClientOptions.from_kwargs({"reference_parity": True, "reward_router_address": None})
+    assert parity.weights() == {"reference_parity": True}
     with pytest.raises(ValueError, match=r"unknown reward_kwargs \['server_ulr'\]"):
         client.ClientOptions.from_kwargs({"server_ulr": "http://typo"})
     assert client.retry_delay(10, opts) <= opts.backoff_max_s

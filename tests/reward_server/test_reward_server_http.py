@@ -98,6 +98,29 @@ def test_weights_and_protocol_override(server):
     assert reply.json()["reward"]["weights"]["protocol"] == "rlcr"
 
 
+def test_reference_parity_per_request(server):
+    """weights.reference_parity switches one request to the authors' reward: "B. 12" against "B" is
+    right for our multiple-choice grading and wrong for their mathruler check."""
+    letter = {
+        "uid": "letter",
+        "data_source": "virl",
+        "response": decoupled("B. 12"),
+        "ground_truth": "B",
+        "extra_info": {"answer_kind": "multiple_choice"},
+    }
+    items = [*ITEMS[:3], letter]
+    with server.client() as http:
+        ours = http.post("/v1/score", json={"items": items}).json()
+        theirs = http.post("/v1/score", json={"items": items, "weights": {"reference_parity": True}}).json()
+    for item, a, b in zip(items, ours["results"], theirs["results"], strict=True):
+        assert_same(a, expected(item))
+        assert_same(b, expected(item, reference_parity=True))
+    assert ours["results"][-1]["components"]["accuracy"] == 1.0
+    assert theirs["results"][-1]["components"]["accuracy"] == 0.0
+    assert theirs["reward"]["weights"]["reference_parity"] is True
+    assert ours["reward"]["weights"]["reference_parity"] is False
+
+
 def test_openrlhf_get_reward_shape(server):
     prompts = ["<|im_start|>user\nHow many apples?<|im_end|>\n<|im_start|>assistant\n"] * 3
     responses = [ITEMS[0]["response"], ITEMS[1]["response"], ITEMS[5]["response"]]

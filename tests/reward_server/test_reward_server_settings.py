@@ -48,3 +48,30 @@ def test_vlcal_serve_alias_has_the_same_flags():
     )
     got = s.from_args(args, environ={})
     assert (got.host, got.port, got.max_body_bytes) == ("0.0.0.0", 7000, 1024)
+
+
+def test_bool_setting_from_flag_and_env():
+    assert s.from_args(parse([]), environ={}).reference_parity is False
+    assert s.from_args(parse(["--reference-parity"]), environ={}).reference_parity is True
+    assert (
+        s.from_args(
+            parse(["--reference-parity", "false"]), environ={"VLCAL_RS_REFERENCE_PARITY": "1"}
+        ).reference_parity
+        is False
+    )
+    for text, value in [
+        ("true", True),
+        ("YES", True),
+        ("on", True),
+        ("0", False),
+        ("Off", False),
+        ("no", False),
+    ]:
+        got = s.from_args(None, environ={"VLCAL_RS_REFERENCE_PARITY": text})
+        assert got.reference_parity is value and got.reward_config().reference_parity is value
+    with pytest.raises(ValueError, match="VLCAL_RS_REFERENCE_PARITY='maybe' is not a valid bool"):
+        s.from_args(None, environ={"VLCAL_RS_REFERENCE_PARITY": "maybe"})
+    with pytest.raises(SystemExit):  # argparse: "invalid parse_bool value"
+        parse(["--reference-parity", "maybe"])
+    args = build_parser().parse_args(["serve", "--reference-parity"])
+    assert s.from_args(args, environ={}).reference_parity is True
