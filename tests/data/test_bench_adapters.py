@@ -279,9 +279,10 @@ def test_easy_vqa_offline_rows():
     rows = benchmark_rows("easy-vqa-unanswerable", limit=4, seed=1)
     validate_rows(rows)
     assert all(r["extra_info"]["unanswerable"] for r in rows)
-    assert [r["extra_info"]["uid"] for r in rows] == [
-        r["extra_info"]["uid"] for r in benchmark_rows("easy-vqa", limit=4, seed=1)
-    ]
+    answerable = [r["extra_info"]["uid"] for r in benchmark_rows("easy-vqa", limit=4, seed=1)]
+    # same items in the same order, told apart by the uid suffix (judgments and reports key on uids)
+    assert [r["extra_info"]["uid"] for r in rows] == [u + "#unanswerable" for u in answerable]
+    assert not set(answerable) & {r["extra_info"]["uid"] for r in rows}
 
 
 def test_cli_bench_easy_vqa_writes_parquet_and_manifest(tmp_path):

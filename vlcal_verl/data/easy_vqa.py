@@ -14,6 +14,8 @@ from functools import lru_cache
 
 from PIL import Image
 
+from vlcal_verl.data.schema import unanswerable_uid
+
 DATA_SOURCE = "easy-vqa"
 UNANSWERABLE_SOURCE = "easy-vqa-unanswerable"
 BLANK_COLOR = (255, 255, 255)
@@ -56,7 +58,8 @@ def load_easy_vqa(
     """Load a seeded subsample of easy-vqa ``split`` ('train' or 'test').
 
     The same (split, limit, seed) always gives the same items in the same order, with or without
-    ``unanswerable`` (so an unanswerable copy pairs item by item with the answerable one).
+    ``unanswerable`` (so an unanswerable copy pairs item by item with the answerable one; its uid is
+    the answerable one's + ``#unanswerable``, see ``data.schema.unanswerable_uid``).
 
     >>> items = load_easy_vqa("test", limit=2, seed=0)
     >>> len(items), items[0].image.size
@@ -80,7 +83,7 @@ def load_easy_vqa(
             image = Image.new("RGB", image.size, BLANK_COLOR)
         items.append(
             VQAItem(
-                uid=f"easy-vqa/{split}/{i}",
+                uid=unanswerable_uid(f"easy-vqa/{split}/{i}") if unanswerable else f"easy-vqa/{split}/{i}",
                 question=question,
                 answer=answer,
                 image=image,

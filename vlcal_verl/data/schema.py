@@ -71,6 +71,7 @@ def make_row(
         raise ValueError(f"answer_kind must be one of {ANSWER_KINDS}, got {answer_kind!r} (uid {uid})")
     if unanswerable:
         images = [blank_like(im) for im in images]
+        uid = unanswerable_uid(uid)
     content = "<image>" * len(images) + "\n" + build_prompt(question, protocol)
     return {
         "data_source": data_source + ("-unanswerable" if unanswerable else ""),
@@ -87,6 +88,20 @@ def make_row(
             "unanswerable": bool(unanswerable),
         },
     }
+
+
+UNANSWERABLE_UID_SUFFIX = "#unanswerable"
+
+
+def unanswerable_uid(uid: str) -> str:
+    """The uid of an item's image-removed copy: the item's uid + ``#unanswerable`` (idempotent), so the
+    pair is easy to match and the two never collide in judgments or reports.
+
+    >>> unanswerable_uid("mathvista/12/11"), unanswerable_uid("a#unanswerable")
+    ('mathvista/12/11#unanswerable', 'a#unanswerable')
+    """
+    uid = str(uid)
+    return uid if uid.endswith(UNANSWERABLE_UID_SUFFIX) else uid + UNANSWERABLE_UID_SUFFIX
 
 
 def validate_row(row: Mapping[str, Any], where: str = "row") -> None:
