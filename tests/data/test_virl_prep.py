@@ -6,6 +6,7 @@ import io
 import json
 import random
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -122,6 +123,14 @@ def test_missing_image_is_a_clear_error(tmp_path, capsys):
         == 2
     )
     assert "gone.png" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["./no-such-dir", "/tmp/vlcal-no-such/virl", "typo.jsonl", "a/b/c"])
+def test_missing_local_source_is_named_not_sent_to_the_hub(source, tmp_path, capsys):
+    argv = ["data", "virl", "--source", source, "--out", str(tmp_path / "o"), "--n", "1", "--val-size", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--source {Path(source)} does not exist" in err
 
 
 @pytest.mark.parametrize("bad", [{"answer": "1", "image": []}])

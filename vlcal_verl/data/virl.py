@@ -95,6 +95,21 @@ def to_row(r: Mapping[str, Any], index: int, root: Path | None, protocol: str) -
     )
 
 
+def _looks_like_path(source: str) -> bool:
+    """A hub id is ``owner/name``; anything with a leading ``/ . ~``, a data-file suffix or more than
+    one ``/`` is meant as a local path (so a typo in it is reported as missing, not sent to the hub).
+
+    >>> [_looks_like_path(s) for s in ("xl-opt/ViRL39K", "./virl", "/data/virl", "virl.jsonl", "a/b/c")]
+    [False, True, True, True, True]
+    """
+    return (
+        source.startswith(("/", ".", "~"))
+        or source.endswith((".parquet", ".jsonl", ".json"))
+        or source.count("/") > 1
+        or "\\" in source
+    )
+
+
 def prepare_virl(
     source: str | Path | None,
     out_dir: Path,
@@ -109,8 +124,8 @@ def prepare_virl(
 
     from vlcal_verl.data.schema import write_manifest, write_parquet
 
-    if source is not None and Path(source).exists():
-        it, root = read_local(Path(source))
+    if source is not None and (Path(source).exists() or _looks_like_path(str(source))):
+        it, root = read_local(Path(source))  # a missing path is a FileNotFoundError naming it
     else:
         it, root = read_hub(BenchSpec(str(source or HUB_ID), "train", lambda r, p: r)), None
     records = list(it)
