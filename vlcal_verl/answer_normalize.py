@@ -125,19 +125,28 @@ def extract_choice_letter(text: str, strict: bool = True) -> str | None:
     return m.group(1).upper()
 
 
+_BINARY = {"yes": "yes", "no": "no", "true": "yes", "false": "no"}
+
+
 def extract_yes_no(text: str) -> str | None:
-    """``"yes"``/``"no"`` when ``text`` starts with that word (any case, markup stripped), else None."""
+    """``"yes"``/``"no"`` when ``text`` starts with yes/no or true/false (any case, markup stripped), else
+    None; true counts as yes and false as no (a yes/no question and a true/false one ask the same).
+
+    >>> extract_yes_no("\\\\text{True}"), extract_yes_no("No, it is not"), extract_yes_no("maybe")
+    ('yes', 'no', None)
+    """
     t = _unwrap_text_macros(text).strip().lower()
-    m = re.match(r"^[\s$*(\"'`]*(yes|no)\b", t)
-    return m.group(1) if m else None
+    m = re.match(r"^[\s$*(\"'`]*(yes|no|true|false)\b", t)
+    return _BINARY[m.group(1)] if m else None
 
 
 def detect_kind(ground_truth: str) -> str:
-    """``multiple_choice`` for a lone upper-case letter A–J, ``yes_no`` for yes/no, else ``math``."""
+    """``multiple_choice`` for a lone upper-case letter A–J, ``yes_no`` for yes/no or true/false, else
+    ``math``."""
     t = _unwrap_text_macros(ground_truth).strip().strip("$").strip()
     if re.fullmatch(r"\(?\s*[A-J]\s*\)?\.?", t):
         return "multiple_choice"
-    if t.lower().rstrip(".") in ("yes", "no"):
+    if t.lower().rstrip(".") in _BINARY:
         return "yes_no"
     return "math"
 

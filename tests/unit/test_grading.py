@@ -65,6 +65,11 @@ CORRECT = [
     ("Yes", "yes"),
     ("no.", "No"),
     ("\\text{Yes}, it is", "yes"),
+    # true / false are the same binary answer
+    ("True", "yes"),
+    ("false.", "No"),
+    ("Yes", "True"),
+    ("\\text{False}", "false"),
 ]
 
 WRONG = [
@@ -81,6 +86,9 @@ WRONG = [
     ("(A) (B)", "B"),
     ("yes", "no"),
     ("maybe", "yes"),
+    ("true", "no"),
+    ("False", "True"),
+    ("trueish", "yes"),
     ("\\sqrt{3}", "3"),
 ]
 
