@@ -91,6 +91,23 @@ def test_sampler_respects_top_k_suppression_and_seed():
     assert torch.all(greedy.argmax(-1) == 2)
 
 
+def test_sampler_top_p_keeps_the_nucleus_only():
+    # probabilities 0.5, 0.3, 0.15, 0.05: top_p 0.8 keeps the first two (the third starts at 0.8)
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    scores = probs.log().repeat(4000, 1)
+    for top_k in (0, 3):  # full-vocabulary sort, and within the top-k
+        out = TopKSampler(1.0, top_k, torch.Generator().manual_seed(1), [], top_p=0.8)(None, scores)
+        counts = torch.bincount(out.argmax(-1), minlength=4)
+        assert counts[0] == 0 and counts[2] == 0
+        assert abs(counts[1] / 4000 - 0.5 / 0.8) < 0.03  # renormalised over the nucleus: 0.625 / 0.375
+    top1 = TopKSampler(1.0, 0, torch.Generator().manual_seed(0), [], top_p=0.3)(None, scores)
+    assert torch.all(top1.argmax(-1) == 1)  # the most likely token alone already reaches 0.3
+    full = TopKSampler(1.0, 0, torch.Generator().manual_seed(2), [], top_p=1.0)(None, scores)
+    assert (torch.bincount(full.argmax(-1), minlength=4) > 0).all()  # top_p 1: every token can come
+    with pytest.raises(ValueError, match="top_p"):
+        TopKSampler(1.0, 0, None, [], top_p=0.0)
+
+
 def test_cut_responses_keeps_tokens_through_first_eos():
     eos, pad = 9, 0
     gen = torch.tensor([[5, 6, 9, 4, 4], [5, 9, 9, 9, 9], [1, 2, 3, 4, 5]])

@@ -116,6 +116,7 @@ def generate_hf(model, processor, items: Sequence[Any], settings: GenerationSett
             # 0 = no top-k cut: full-vocabulary sampling. (tokenizer.vocab_size, 151,643, is below the
             # 151,936 logits, so it would run a ~152K-wide topk every step: ~3.6x the sampling cost.)
             top_k=settings.top_k,
+            top_p=settings.top_p,
             generator=gen,
         )
         texts.extend(ro.texts)
