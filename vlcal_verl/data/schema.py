@@ -147,13 +147,87 @@ def validate_rows(rows: Sequence[Mapping[str, Any]]) -> None:
 
 def write_parquet(rows: Sequence[Mapping[str, Any]], path: str | Path) -> str:
     """Validate and write ``rows`` to ``path``; returns the file's sha256."""
-    import pandas as pd
+    with ParquetRowWriter(path) as writer:
+        for row in rows:
+            writer.write(row)
+    return writer.sha256
 
-    validate_rows(rows)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(list(rows)).to_parquet(path, index=False)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+class ParquetRowWriter:
+    """Validate rows and append them to one parquet file ``batch_rows`` at a time, so that memory stays
+    bounded by a batch however many rows (each with its PNG bytes) are written; uids must be unique
+    across the whole file. ``sha256`` is set on close. On an exception the partial file is removed.
+
+    >>> import tempfile
+    >>> from PIL import Image
+    >>> path = Path(tempfile.mkdtemp()) / "x.parquet"
+    >>> with ParquetRowWriter(path, batch_rows=1) as w:
+    ...     for i in range(3):
+    ...         w.write(make_row(question="q", answer="1", images=[Image.new("RGB", (28, 28))],
+    ...                          data_source="d", answer_kind="math", index=i, uid=f"u{i}"))
+    >>> [r["extra_info"]["uid"] for r in read_parquet(path)], w.rows
+    (['u0', 'u1', 'u2'], 3)
+    """
+
+    def __init__(self, path: str | Path, batch_rows: int = 256) -> None:
+        if batch_rows < 1:
+            raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+        self.path, self.batch_rows = Path(path), batch_rows
+        self.rows, self.sha256 = 0, ""
+        self._buffer: list[Mapping[str, Any]] = []
+        self._uids: set[str] = set()
+        self._writer: Any = None
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        where = f"row {self.rows + len(self._buffer)}"
+        validate_row(row, where=where)
+        uid = row["extra_info"]["uid"]
+        if uid in self._uids:
+            raise ValueError(f"{where}: duplicate 'extra_info.uid' {uid!r}")
+        self._uids.add(uid)
+        self._buffer.append(row)
+        if len(self._buffer) >= self.batch_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self._buffer:
+            return
+        if self._writer is None:  # the first batch fixes the schema; later ones are cast to it
+            table = pa.Table.from_pylist(self._buffer)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self.path, table.schema)
+        else:
+            table = pa.Table.from_pylist(self._buffer, schema=self._writer.schema)
+        self._writer.write_table(table)
+        self.rows += len(self._buffer)
+        self._buffer.clear()
+
+    def close(self) -> str:
+        """Write what is buffered, close the file and return its sha256."""
+        self._flush()
+        if self._writer is None:
+            raise ValueError(f"{self.path}: no rows to write")
+        self._writer.close()
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        self.sha256 = digest.hexdigest()
+        return self.sha256
+
+    def __enter__(self) -> ParquetRowWriter:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            self.close()
+            return
+        if self._writer is not None:
+            self._writer.close()
+        self.path.unlink(missing_ok=True)
 
 
 def read_parquet(path: str | Path) -> list[dict[str, Any]]:

@@ -16,9 +16,10 @@ so the sample size does not depend on image sizes.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -122,31 +123,42 @@ def prepare_virl(
     """Write ``train.parquet``, ``val.parquet`` and ``manifest.json`` to ``out_dir``; returns the manifest."""
     from tqdm import tqdm
 
-    from vlcal_verl.data.schema import write_manifest, write_parquet
+    from vlcal_verl.data.schema import ParquetRowWriter, write_manifest
 
     if source is not None and (Path(source).exists() or _looks_like_path(str(source))):
         it, root = read_local(Path(source))  # a missing path is a FileNotFoundError naming it
     else:
         it, root = read_hub(BenchSpec(str(source or HUB_ID), "train", lambda r, p: r)), None
-    records = list(it)
+    records = list(it)  # text fields and image paths only: small
     chosen = sample_indices(records, n + val_size, seed=seed, keep_extremes=keep_extremes)
-    rows = [to_row(records[i], k, root, protocol) for k, i in enumerate(tqdm(chosen, desc="ViRL rows"))]
-    val, train = rows[:val_size], rows[val_size:]
+    out_dir = Path(out_dir)
+    # rows carry PNG bytes: stream them to the files (val = the first val_size, then train) so memory
+    # holds one batch, not 12K images
+    n_val = min(val_size, len(chosen))
+    if len(chosen) <= n_val:
+        raise ValueError(
+            f"{len(chosen)} items left after filtering: none for train after --val-size {val_size}"
+        )
+    categories: Counter[str] = Counter()
+    val_file = ParquetRowWriter(out_dir / "val.parquet") if n_val else contextlib.nullcontext()
+    with ParquetRowWriter(out_dir / "train.parquet") as train_writer, val_file as val_writer:
+        for k, i in enumerate(tqdm(chosen, desc="ViRL rows")):
+            row = to_row(records[i], k, root, protocol)
+            if k < n_val:
+                val_writer.write(row)
+            else:
+                train_writer.write(row)
+                categories[row["extra_info"]["category"]] += 1
     manifest: dict[str, Any] = {
         "source": str(source or HUB_ID),
         "rule": "drop PassRate_72BTrained in {0,1}; category-proportional seeded sample; resize to pixel bounds",
         "seed": seed,
         "source_records": len(records),
-        "train": len(train),
-        "val": len(val),
-        "categories": {
-            c: sum(1 for r in train if r["extra_info"]["category"] == c)
-            for c in sorted({r["extra_info"]["category"] for r in train})
-        },
+        "train": train_writer.rows,
+        "val": n_val,
+        "categories": dict(sorted(categories.items())),
+        "sha256": {"train.parquet": train_writer.sha256}
+        | ({"val.parquet": val_writer.sha256} if n_val else {}),
     }
-    out_dir = Path(out_dir)
-    manifest["sha256"] = {"train.parquet": write_parquet(train, out_dir / "train.parquet")}
-    if val:
-        manifest["sha256"]["val.parquet"] = write_parquet(val, out_dir / "val.parquet")
     write_manifest(out_dir, manifest)
     return manifest
