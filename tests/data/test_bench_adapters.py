@@ -293,3 +293,41 @@ def test_cli_bench_easy_vqa_writes_parquet_and_manifest(tmp_path):
     validate_rows(rows)
     m = json.loads((tmp_path / "easy-vqa-unanswerable.manifest.json").read_text())
     assert m["rows"] == 3 == sum(m["answer_kinds"].values())
+
+
+@pytest.mark.parametrize(
+    ("query_cot", "question"),
+    [
+        (
+            "Please first conduct reasoning, and then answer the question and provide the correct option "
+            "letter, e.g., A, B, C, D, at the end.\nQuestion: Find x.\nChoices:\nA:1\nB:2",
+            "Find x.\nChoices:\nA:1\nB:2",
+        ),
+        (
+            "Please first conduct reasoning, and then answer the question and provide the final value, "
+            "e.g., 1, 2.5, 300, at the end.\nQuestion: How long is AB?",
+            "How long is AB?",
+        ),
+        (
+            "According to the question shown in the image, please first conduct reasoning, and then answer "
+            "the question and provide the final value, e.g., The answer is xxx",
+            "Answer the question shown in the image.",
+        ),
+        ("Find x without any instruction.", "Find x without any instruction."),
+    ],
+)
+def test_mathverse_drops_its_answer_format_instruction(query_cot, question):
+    """MathVerse's query_cot asks for 'the final value at the end'; the protocol asks for \\boxed{} and
+    confidences, so the dataset's instruction is removed and only the question is kept."""
+    from vlcal_verl.data.benchmarks import REGISTRY
+
+    rec = {"query_cot": query_cot, "question": "q", "answer": "1", "image": _img()}
+    got, *_ = REGISTRY["mathverse"].convert(rec, None)
+    assert got == question
+    assert "conduct reasoning" not in build_prompt_text(got)
+
+
+def build_prompt_text(question: str) -> str:
+    from vlcal_verl.protocol import build_prompt
+
+    return build_prompt(question).split("\n\nFirst think")[0]

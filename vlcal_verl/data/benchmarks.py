@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,9 +97,36 @@ def _img(r, root, *fields):
     raise ValueError(f"none of the image fields {fields} is set")
 
 
+# MathVerse's query_cot opens with its own answer-format instruction ("... provide the final value,
+# e.g., 1, 2.5, 300, at the end.", "... e.g., The answer is xxx"), which contradicts the protocol's
+# \boxed{} and confidence layout; the instruction line and the "Question:" label are dropped.
+_COT_INSTRUCTION_RE = re.compile(
+    r"^\s*(?:According to the question shown in the image, )?please first (?:conduct|perform) reasoning[^\n]*"
+    r"(?:\n|$)\s*(?:Question:\s*)?",
+    re.IGNORECASE,
+)
+
+
+def strip_cot_instruction(query: str) -> str:
+    """A MathVerse ``query_cot`` without its leading answer-format instruction.
+
+    >>> strip_cot_instruction("Please first conduct reasoning, and then answer the question and provide "
+    ...     "the final value, e.g., 1, 2.5, 300, at the end.\\nQuestion: Find x.\\nChoices:\\nA:1")
+    'Find x.\\nChoices:\\nA:1'
+    >>> strip_cot_instruction("Find x.")
+    'Find x.'
+    """
+    stripped = _COT_INSTRUCTION_RE.sub("", query, count=1).strip()
+    return stripped or "Answer the question shown in the image."  # Vision Only: the question is drawn
+
+
 def _mathverse(r, root):
     kind = "multiple_choice" if r.get("question_type") == "multi-choice" else "math"
-    q = r.get("query_cot") or r.get("question_for_eval") or r["question"]
+    q = (
+        strip_cot_instruction(r["query_cot"])
+        if r.get("query_cot")
+        else r.get("question_for_eval") or r["question"]
+    )
     return q, str(r["answer"]), [_img(r, root, "image")], kind, str(r.get("problem_version", ""))
 
 
