@@ -57,66 +57,41 @@ _PLAIN = "[^<]*"
 _BOX_NAME_RE = re.compile(r"\\(?:boxed|fbox)")
 
 
-def _open_tag(name: str) -> str:
-    return f"<{WS}{name}{WS}>"
+def _block_pattern(name: str, group: str | None = None) -> str:
+    """``<name>`` content ``</name>`` (tag whitespace tolerated); the content captured as ``group``."""
+    content = _PLAIN if group is None else f"(?P<{group}>{_PLAIN})"
+    return f"<{WS}{name}{WS}>{content}<{WS}/{WS}{name}{WS}>"
 
 
-def _close_tag(name: str) -> str:
-    return f"<{WS}/{WS}{name}{WS}>"
-
-
-def _group(name: str, body: str = _PLAIN) -> str:
-    return f"(?P<{name}>{body})"
+def _layout(think: str, confidence: str) -> re.Pattern[str]:
+    """The whole response: <think>…</think> answer <analysis>…</analysis> <confidence>…</confidence>."""
+    return re.compile(
+        _PLAIN
+        + f"<{WS}think{WS}>{think}<{WS}/{WS}think{WS}>"
+        + f"(?P<mid>{_PLAIN})"  # the answer segment, between </think> and <analysis>
+        + _block_pattern("analysis", "analysis")
+        + _PLAIN
+        + f"<{WS}confidence{WS}>{confidence}<{WS}/{WS}confidence{WS}>"
+        + _PLAIN
+    )
 
 
 _FAST_LAYOUT = {
-    "decoupled": re.compile(
-        _PLAIN
-        + _open_tag("think")
+    "decoupled": _layout(
+        think=_PLAIN
+        + _block_pattern("vision", "vision")
         + _PLAIN
-        + _open_tag("vision")
-        + _group("vision")
-        + _close_tag("vision")
+        + _block_pattern("reasoning", "reasoning")
+        + _PLAIN,
+        confidence=_PLAIN
+        + _block_pattern("vision_confidence", "c_v")
         + _PLAIN
-        + _open_tag("reasoning")
-        + _group("reasoning")
-        + _close_tag("reasoning")
-        + _PLAIN
-        + _close_tag("think")
-        + _group("mid")
-        + _open_tag("analysis")
-        + _group("analysis")
-        + _close_tag("analysis")
-        + _PLAIN
-        + _open_tag("confidence")
-        + _PLAIN
-        + _open_tag("vision_confidence")
-        + _group("c_v")
-        + _close_tag("vision_confidence")
-        + _PLAIN
-        + _open_tag("reasoning_confidence")
-        + _group("c_r")
-        + _close_tag("reasoning_confidence")
-        + _PLAIN
-        + _close_tag("confidence")
-        + _PLAIN
+        + _block_pattern("reasoning_confidence", "c_r")
+        + _PLAIN,
     ),
-    "rlcr": re.compile(
-        _PLAIN
-        + _open_tag("think")
-        + _PLAIN
-        + _close_tag("think")
-        + _group("mid")
-        + _open_tag("analysis")
-        + _group("analysis")
-        + _close_tag("analysis")
-        + _PLAIN
-        + _open_tag("confidence")
-        + _group("c")
-        + _close_tag("confidence")
-        + _PLAIN
-    ),
+    "rlcr": _layout(think=_PLAIN, confidence=f"(?P<c>{_PLAIN})"),
 }
+
 
 DECOUPLED_INSTRUCTIONS = """\
 First think the problem through, then answer, then say how sure you are.
