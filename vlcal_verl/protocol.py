@@ -57,21 +57,24 @@ _PLAIN = "[^<]*"
 _BOX_NAME_RE = re.compile(r"\\(?:boxed|fbox)")
 
 
-def _block_pattern(name: str, group: str | None = None) -> str:
-    """``<name>`` content ``</name>`` (tag whitespace tolerated); the content captured as ``group``."""
-    content = _PLAIN if group is None else f"(?P<{group}>{_PLAIN})"
+def _block_pattern(name: str, content: str) -> str:
+    """``<name>`` content ``</name>``, whitespace around the tag characters tolerated."""
     return f"<{WS}{name}{WS}>{content}<{WS}/{WS}{name}{WS}>"
+
+
+def _captured(group: str) -> str:
+    return f"(?P<{group}>{_PLAIN})"
 
 
 def _layout(think: str, confidence: str) -> re.Pattern[str]:
     """The whole response: <think>…</think> answer <analysis>…</analysis> <confidence>…</confidence>."""
     return re.compile(
         _PLAIN
-        + f"<{WS}think{WS}>{think}<{WS}/{WS}think{WS}>"
-        + f"(?P<mid>{_PLAIN})"  # the answer segment, between </think> and <analysis>
-        + _block_pattern("analysis", "analysis")
+        + _block_pattern("think", think)
+        + _captured("mid")  # the answer segment, between </think> and <analysis>
+        + _block_pattern("analysis", _captured("analysis"))
         + _PLAIN
-        + f"<{WS}confidence{WS}>{confidence}<{WS}/{WS}confidence{WS}>"
+        + _block_pattern("confidence", confidence)
         + _PLAIN
     )
 
@@ -79,17 +82,17 @@ def _layout(think: str, confidence: str) -> re.Pattern[str]:
 _FAST_LAYOUT = {
     "decoupled": _layout(
         think=_PLAIN
-        + _block_pattern("vision", "vision")
+        + _block_pattern("vision", _captured("vision"))
         + _PLAIN
-        + _block_pattern("reasoning", "reasoning")
+        + _block_pattern("reasoning", _captured("reasoning"))
         + _PLAIN,
         confidence=_PLAIN
-        + _block_pattern("vision_confidence", "c_v")
+        + _block_pattern("vision_confidence", _captured("c_v"))
         + _PLAIN
-        + _block_pattern("reasoning_confidence", "c_r")
+        + _block_pattern("reasoning_confidence", _captured("c_r"))
         + _PLAIN,
     ),
-    "rlcr": _layout(think=_PLAIN, confidence=f"(?P<c>{_PLAIN})"),
+    "rlcr": _layout(think=_PLAIN, confidence=_captured("c")),
 }
 
 
