@@ -42,7 +42,6 @@ class _ByteTable:
 
     pieces: list[bytes]
     lengths: np.ndarray  # [V+1] int64
-    starts: np.ndarray  # [V+1] int64, offset of each token in ``flat``
     flat: np.ndarray  # [sum(lengths)] uint8
     # [V+1] int64 whose two int32 halves are (offset of the first byte, offset of the last byte) of the
     # token in ``flat`` (last = first − 1 for an empty token): one 8-byte element per token, so a
@@ -102,7 +101,7 @@ def _byte_table(tokenizer) -> _ByteTable:
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     flat = np.frombuffer(b"".join(pieces), dtype=np.uint8)
     pairs = np.stack([starts, starts + lengths - 1], axis=1).astype(np.int32)
-    table = _ByteTable(pieces, lengths, starts, flat, np.ascontiguousarray(pairs).view(np.int64).reshape(-1))
+    table = _ByteTable(pieces, lengths, flat, np.ascontiguousarray(pairs).view(np.int64).reshape(-1))
     with contextlib.suppress(TypeError):  # not weak-referenceable: rebuilt next time
         _TABLES[tokenizer] = table
     return table
@@ -136,19 +135,24 @@ def response_bytes(
     negative ids count as empty. The bytes are gathered with numpy from one flat buffer (no Python
     loop over tokens).
     """
-    table = _byte_table(tokenizer)
-    data, ends = _gather(table, _cut(_as_array(response_ids), stop_ids))
+    data, ends = _row_bytes(response_ids, tokenizer, stop_ids)
     return data, ends.astype(np.int64)
+
+
+def _row_bytes(
+    response_ids: Sequence[int], tokenizer, stop_ids: Collection[int] | None
+) -> tuple[bytes, np.ndarray]:
+    """One response's bytes and int32 token end bytes, cut at its first stop id."""
+    return _gather(_byte_table(tokenizer), _cut(_as_array(response_ids), _stop_array(stop_ids)))
 
 
 def _stop_array(stop_ids: Collection[int] | None) -> np.ndarray | None:
     return np.fromiter(stop_ids, dtype=np.int64) if stop_ids else None
 
 
-def _cut(arr: np.ndarray, stop_ids: Collection[int] | np.ndarray | None) -> np.ndarray:
+def _cut(arr: np.ndarray, stops: np.ndarray | None) -> np.ndarray:
     """The ids before the first stop id."""
-    if stop_ids is not None and len(stop_ids) and arr.size:
-        stops = stop_ids if isinstance(stop_ids, np.ndarray) else _stop_array(stop_ids)
+    if stops is not None and arr.size:
         hit = np.isin(arr, stops)
         if hit.any():
             return arr[: int(hit.argmax())]
@@ -272,8 +276,7 @@ def vision_token_span(
     >>> tok.decode(ids[s:e])
     'two red dogs'
     """
-    table = _byte_table(tokenizer)
-    return _span_in_bytes(*_gather(table, _cut(_as_array(response_ids), stop_ids)))
+    return _span_in_bytes(*_row_bytes(response_ids, tokenizer, stop_ids))
 
 
 def vision_token_spans(
@@ -308,8 +311,7 @@ def parse_response_ids(
     Same as ``(parse_response(text, protocol), vision_token_span(response_ids, tokenizer, stop_ids))``
     where ``text`` is the decoded response (special tokens kept, invalid UTF-8 → U+FFFD).
     """
-    table = _byte_table(tokenizer)
-    return _parse_row(*_gather(table, _cut(_as_array(response_ids), stop_ids)), 0, protocol)
+    return _parse_row(*_row_bytes(response_ids, tokenizer, stop_ids), 0, protocol)
 
 
 def parse_responses_ids(

@@ -77,13 +77,14 @@ def load_easy_vqa(
     items = []
     for i in order:
         question, answer, image_id = rows[i]
+        uid = f"{DATA_SOURCE}/{split}/{i}"
         with Image.open(paths[image_id]) as im:
             image = im.convert("RGB")
         if unanswerable:
             image = Image.new("RGB", image.size, BLANK_COLOR)
         items.append(
             VQAItem(
-                uid=unanswerable_uid(f"easy-vqa/{split}/{i}") if unanswerable else f"easy-vqa/{split}/{i}",
+                uid=unanswerable_uid(uid) if unanswerable else uid,
                 question=question,
                 answer=answer,
                 image=image,
