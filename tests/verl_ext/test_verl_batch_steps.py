@@ -10,6 +10,7 @@ import torch
 from vlcal_verl.config import TARConfig, VCEConfig
 from vlcal_verl.verl_ext.batch import (
     calibration_step_metrics,
+    reward_positions,
     span_mask_from_tensor,
     spans_to_tensor,
     tar_step,
@@ -159,3 +160,26 @@ def test_calibration_step_metrics_hand_computed():
     # one sample per 10-wide bin (unparsed Φ counts as 0): ECE = (0.1 + 0.2 + 0 + 0.3) / 4
     assert m["calib/ece"] == pytest.approx(0.15)
     assert m["calib/auroc"] == pytest.approx(1.0)
+
+
+def test_visual_term_goes_where_verl_puts_the_sample_reward():
+    """verl's agent loop writes the reward on the jagged row's last position (rm_scores[-1]); with
+    masked (tool) tokens ending a response that is not the last unmasked token."""
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])  # row 0: 5 tokens, the last two masked
+    lengths = torch.tensor([5, 2])  # row 1 is padding after 2 tokens
+    assert reward_positions(mask, lengths).tolist() == [4, 1]
+    assert reward_positions(mask).tolist() == [2, 1]
+    scores = torch.zeros(2, 5)
+    scores[0, 4], scores[1, 1] = 1.0, 0.5
+    kl = ent = torch.ones(2, 5)
+    span = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    new, _, _ = visual_reward_step(
+        scores, mask, [0.5, 0.5], kl, ent, span, w_vis=0.4, response_lengths=lengths
+    )
+    # both S equal → S̃ = 0.5 → visual term −0.4·(0.5−0.5)² = 0: rewards unchanged, nothing moved
+    assert torch.equal(new, scores)
+    new, _, _ = visual_reward_step(
+        scores, mask, [1.0, 0.5], kl, ent, span, w_vis=0.4, response_lengths=lengths
+    )
+    assert new[0, 4] == pytest.approx(1.0 - 0.4 * 0.25) and new[0, 2] == 0.0
+    assert new[1, 1] == pytest.approx(0.5)

@@ -1,27 +1,27 @@
-"""VLCalTrainer's new steps on a CPU batch: in-memory TransferQueue, fake actor worker group.
+"""VLCalTrainer's new steps as pure arithmetic: rewards and advantages against hand-computed values.
 
-The trainer is built without ``__init__`` (no Ray, no GPUs); ``transfer_queue`` is replaced by a dict
-store with the same ``kv_batch_get``/``kv_batch_put`` contract (jagged per-sample fields). Rewards and
-advantages are checked against hand-computed values.
+Unit tests of the hooks' arithmetic only — the wiring is tested through verl's real loop
+(``test_verl_cpu_loop.py``) and TransferQueue's real contract (``test_transfer_queue_contract.py``). The
+trainer is built without ``__init__``; ``transfer_queue`` is replaced by a dict store with the contract
+those tests pin down: every tensor field comes back jagged (fixed-width ones too), and ``kv_batch_put``
+returns a new ``KVBatchMeta`` that lists the fields written so far.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from tensordict import NonTensorStack, TensorDict
+from transfer_queue import KVBatchMeta
 
 import vlcal_verl.verl_ext.trainer as trainer_mod
 from vlcal_verl.config import VLCalConfig
 from vlcal_verl.spans import vision_token_spans
 from vlcal_verl.testing.tokenizer import qwen_tokenizer
 from vlcal_verl.verl_ext.trainer import SPAN_FIELD, VLCalTrainer
-
-FIXED = {SPAN_FIELD}
 
 
 class FakeTQ:
@@ -34,9 +34,7 @@ class FakeTQ:
         out = {}
         for f in select_fields:
             vals = [self.store[k][f] for k in keys]
-            if f in FIXED:
-                out[f] = torch.stack(vals)
-            elif isinstance(vals[0], torch.Tensor):
+            if isinstance(vals[0], torch.Tensor):
                 out[f] = torch.nested.as_nested_tensor(vals, layout=torch.jagged)
             else:
                 out[f] = NonTensorStack(*vals)
@@ -48,18 +46,12 @@ class FakeTQ:
             rows = col.unbind() if isinstance(col, torch.Tensor) else list(col)
             for k, v in zip(keys, rows, strict=True):
                 self.store.setdefault(k, {})[name] = v
-        return None
+        listed = sorted(set().union(*(self.store[k].keys() for k in keys)))
+        return KVBatchMeta(keys=list(keys), tags=[{} for _ in keys], partition_id=partition_id, fields=listed)
 
 
-@dataclass
-class Meta:
-    keys: list[str]
-    tags: list[dict]
-    partition_id: str = "train"
-    extra_info: dict = field(default_factory=dict)
-
-    def __len__(self):
-        return len(self.keys)
+def Meta(keys, tags, partition_id="train"):
+    return KVBatchMeta(keys=list(keys), tags=tags, partition_id=partition_id, fields=[])
 
 
 class FakeActorWG:
@@ -69,6 +61,8 @@ class FakeActorWG:
         self.tq, self.values, self.seen = tq, values, []
 
     def compute_vce(self, batch):
+        # verl's worker-side bridge fetches only the fields the handle lists
+        assert SPAN_FIELD in batch.fields, batch.fields
         self.seen.append(dict(batch.extra_info))
         for k in batch.keys:
             n = self.tq.store[k]["responses"].shape[0]

@@ -49,6 +49,21 @@ def span_mask_from_tensor(spans: torch.Tensor, response_mask: torch.Tensor) -> t
     return (pos >= start) & (pos < end) & (start >= 0) & response_mask.bool().cpu()
 
 
+def reward_positions(
+    response_mask: torch.Tensor, response_lengths: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[B] column of each sample's reward token in the padded ``[B, R]`` layout (−1: empty response).
+
+    With ``response_lengths`` (the jagged row lengths): ``length − 1``, verl's ``rm_scores[-1]``.
+    Without: the last column where ``response_mask`` is 1.
+    """
+    if response_lengths is not None:
+        return response_lengths.long().cpu() - 1
+    mask = response_mask.bool().cpu()
+    cols = torch.arange(mask.shape[1]).expand_as(mask)
+    return torch.where(mask, cols, torch.full_like(cols, -1)).max(dim=-1).values
+
+
 def _finite_stats(prefix: str, x: torch.Tensor) -> dict[str, float]:
     v = x[torch.isfinite(x)].double()
     if v.numel() == 0:
@@ -72,6 +87,7 @@ def visual_reward_step(
     w_vis: float,
     vce_cfg: VCEConfig | None = None,
     valid: torch.Tensor | None = None,
+    response_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """Add the batch-level visual calibration term to the token-level rewards.
 
@@ -81,6 +97,10 @@ def visual_reward_step(
         c_v: B visual confidences in [0, 1] (None when unparsed).
         kl, entropy, span_mask: [B, R] KL_t, H_t and the vision-span tokens.
         valid: [B] bool, rows that take part (False for verl's padding rows); default all.
+        response_lengths: [B] length of each sample's (jagged) response row. verl's agent loop puts the
+            sample reward on the row's last position, ``rm_scores[-1]``, which is not the last *unmasked*
+            token once masked (tool / multi-turn) tokens end a response; the visual term goes there too.
+            Default: the last position where ``response_mask`` is 1.
     Returns:
         (new token-level rewards [B, R], S̃_vis [B] float64 with NaN where no span/invalid, metrics).
         Invalid rows are returned unchanged.
@@ -94,15 +114,15 @@ def visual_reward_step(
     s = torch.where(valid, s, torch.full_like(s, math.nan))
     s_tilde = normalize_visual_certainty(s)
 
-    lengths = response_mask.long().sum(-1).cpu()
-    if bool((lengths[valid] == 0).any()):
-        raise ValueError("visual_reward_step: a valid sample has an empty response_mask")
+    last = reward_positions(response_mask, response_lengths)
+    if bool((last[valid] < 0).any()):
+        raise ValueError("visual_reward_step: a valid sample has an empty response")
     scores = token_scores.sum(-1)
     new_scores = add_visual_term(scores, list(c_v), s_tilde.to(scores.dtype), w_vis)
     delta = torch.where(valid.to(scores.device), new_scores - scores, torch.zeros_like(scores))
     out = token_scores.clone()
     rows = torch.arange(b, device=out.device)
-    out[rows, (lengths - 1).clamp_min(0).to(out.device)] += delta
+    out[rows, last.clamp_min(0).to(out.device)] += delta
 
     metrics = {"vce/span_rate": float((torch.isfinite(s) & valid).sum()) / max(int(valid.sum()), 1)}
     metrics.update(_finite_stats("vce/k_bar", k_bar[valid]))

@@ -16,6 +16,7 @@ the pure functions of :mod:`vlcal_verl.verl_ext.batch`.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict
 from typing import Any
@@ -39,6 +40,7 @@ from vlcal_verl.verl_ext.batch import (
     tar_step,
     visual_reward_step,
 )
+from vlcal_verl.verl_ext.nested import dense_rows
 from vlcal_verl.verl_ext.vce_engine import SPAN_FIELD
 
 VCE_FIELDS = ("vce_kl", "vce_entropy")
@@ -65,6 +67,27 @@ def _reward_infos(extra_fields: Any) -> list[dict]:
         info = ef.get("reward_extra_info", {}) if isinstance(ef, dict) else {}
         out.append(dict(info or {}))
     return out
+
+
+def _row_lengths(nested: torch.Tensor) -> torch.Tensor | None:
+    """[B] lengths of a jagged field's rows (None for a dense field: every row is full width)."""
+    return nested.offsets().diff().cpu() if nested.is_nested else None
+
+
+def put_fields(batch: Any, fields: TensorDict) -> Any:
+    """Write ``fields`` to TransferQueue and return the handle that lists them.
+
+    ``tq.kv_batch_put`` returns a new ``KVBatchMeta`` whose ``fields`` include the written ones; verl's
+    worker-side bridge fetches only listed fields, so a handle kept from before the write would make
+    ``compute_vce`` miss them (``KeyError``). The new handle carries the old one's ``tags`` (verl's
+    padding flags) and ``extra_info`` (batch-level settings the workers read) over.
+    """
+    written = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
+    listed = list(getattr(written, "fields", None) or [])
+    for name in [*(batch.fields or []), *fields.keys()]:
+        if name not in listed:
+            listed.append(name)
+    return dataclasses.replace(batch, fields=listed)
 
 
 class VLCalTrainer(PPOTrainerSync):
@@ -118,11 +141,7 @@ class VLCalTrainer(PPOTrainerSync):
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["responses"])
         responses = [r.cpu().numpy() for r in data["responses"].unbind()]
         spans = spans_to_tensor(vision_token_spans(responses, self.tokenizer))
-        tq.kv_batch_put(
-            keys=batch.keys,
-            partition_id=batch.partition_id,
-            fields=TensorDict({SPAN_FIELD: spans}, batch_size=len(batch)),
-        )
+        batch = put_fields(batch, TensorDict({SPAN_FIELD: spans}, batch_size=len(batch)))
 
         batch.extra_info.update(
             {
@@ -153,11 +172,11 @@ class VLCalTrainer(PPOTrainerSync):
             w_vis=self.vlcal.reward.w_vis,
             vce_cfg=self.vlcal.vce,
             valid=self._valid_rows(batch),
+            response_lengths=_row_lengths(response_mask_nt),
         )
-        tq.kv_batch_put(
-            keys=batch.keys,
-            partition_id=batch.partition_id,
-            fields=TensorDict(
+        batch = put_fields(
+            batch,
+            TensorDict(
                 {"rm_scores": response_to_nested(new_scores, response_mask_nt)}, batch_size=len(batch)
             ),
         )
@@ -171,7 +190,7 @@ class VLCalTrainer(PPOTrainerSync):
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         response_mask_nt = data["response_mask"]
         response_mask = _padded(response_mask_nt)
-        span_mask = span_mask_from_tensor(data[SPAN_FIELD].cpu().long(), response_mask)
+        span_mask = span_mask_from_tensor(dense_rows(data[SPAN_FIELD]).cpu().long(), response_mask)
         new_adv, stats = tar_step(
             _padded(data["advantages"]),
             _padded(data["vce_kl"]).float(),
@@ -181,12 +200,9 @@ class VLCalTrainer(PPOTrainerSync):
             self.vlcal.tar,
             valid=self._valid_rows(batch),
         )
-        tq.kv_batch_put(
-            keys=batch.keys,
-            partition_id=batch.partition_id,
-            fields=TensorDict(
-                {"advantages": response_to_nested(new_adv, response_mask_nt)}, batch_size=len(batch)
-            ),
+        batch = put_fields(
+            batch,
+            TensorDict({"advantages": response_to_nested(new_adv, response_mask_nt)}, batch_size=len(batch)),
         )
         metrics.update(stats)
         return batch

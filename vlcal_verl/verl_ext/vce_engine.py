@@ -35,6 +35,7 @@ from tensordict import NonTensorStack, TensorDict
 from vlcal_verl.config import VCEConfig
 from vlcal_verl.vce import token_kl_entropy
 from vlcal_verl.vce_mask import batch_cell_masks, mask_pixel_values
+from vlcal_verl.verl_ext.nested import nested_rows
 
 MASKED_MM_KEY = "vce_masked_multi_modal_inputs"
 SPAN_FIELD = "vlcal_vision_span"
@@ -93,7 +94,8 @@ def mask_multi_modal_inputs(
 
 
 def _nested(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.nested.as_nested_tensor(tensors, layout=torch.jagged)
+    """Jagged along each row's last dimension, stated — never inferred (see :mod:`..nested`)."""
+    return nested_rows(tensors)
 
 
 def prepare_vce_batch(
