@@ -91,13 +91,26 @@ def check_vlcal_vs_verl(config: DictConfig, vcfg: VLCalConfig) -> None:
             raise ValueError(f"vlcal.vce runs through verl's FSDP engine; actor.strategy={actor.strategy!r}")
 
 
+def use_cpu_backend(config: DictConfig) -> None:
+    """``trainer.device=cpu``: verl's loop on this machine (platform, engine, rollout, private Ray head)."""
+    from vlcal_verl.verl_ext.cpu_backend.ray_local import configure_ray_init, set_cpu_env
+
+    set_cpu_env()  # before anything imports ray: Ray reads its loopback switch at import time
+    from vlcal_verl.verl_ext.cpu_backend import register_cpu_backend
+
+    register_cpu_backend()
+    configure_ray_init(config)
+
+
 def prepare(config: DictConfig) -> VLCalConfig:
     """Everything verl's ``main`` checks before Ray starts, plus the vlcal checks. Mutates ``config``."""
+    vcfg = vlcal_config(config)
+    if str(config.trainer.get("device", "cuda")) == "cpu":
+        use_cpu_backend(config)  # before the first `import verl`: it decides the platform and Ray's address
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
     from verl.utils.device import auto_set_device
 
-    vcfg = vlcal_config(config)
     check_model_supported(config)
     check_vlcal_vs_verl(config, vcfg)
     wire_reward(config, vcfg)
@@ -184,6 +197,22 @@ def _hydra_main(config: DictConfig) -> None:
 CONFIG_DIR = Path(__file__).resolve().parent / "hydra_conf"
 
 
+def verl_config_dir() -> Path:
+    """verl's ``trainer/config`` folder, found without importing verl.
+
+    A ``pkg://verl.trainer.config`` search path would ``import verl`` while Hydra composes, before the
+    config says which device it is for — and ``import verl`` loads the plugins, which set up the CPU
+    backend only when ``VERL_PLATFORM=cpu`` is already exported, and imports Ray, which must know by then
+    that it binds to the loopback address.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("verl")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("verl is not installed: pip install 'verl[verl-core]==0.9.1'")
+    return Path(next(iter(spec.submodule_search_locations))) / "trainer" / "config"
+
+
 def hydra_argv(argv: list[str]) -> list[str]:
     """Translate our flags into Hydra's: ``--recipe FILE`` → ``--config-path/--config-name``; ``--check``
     → ``VLCAL_CHECK_ONLY=1``; and put this package's configs plus verl's on the search path (a package
@@ -201,7 +230,7 @@ def hydra_argv(argv: list[str]) -> list[str]:
             raise SystemExit(f"--recipe: no such file: {recipe}")
         argv[i : i + 2] = ["--config-path", str(recipe.parent), "--config-name", recipe.stem]
     if not any(a.startswith("hydra.searchpath") for a in argv):
-        argv.append(f"hydra.searchpath=[file://{CONFIG_DIR},pkg://verl.trainer.config]")
+        argv.append(f"hydra.searchpath=[file://{CONFIG_DIR},file://{verl_config_dir()}]")
     return argv
 
 

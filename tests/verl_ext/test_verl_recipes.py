@@ -12,13 +12,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from vlcal_verl.main import CONFIG_DIR, hydra_argv, prepare
+from vlcal_verl.main import CONFIG_DIR, hydra_argv, prepare, verl_config_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
 RUNNABLE = ["qwen3_vl_4b", "qwen3_vl_8b", "qwen3_vl_30b_a3b", "rlcr_qwen3_vl_4b"]
 ABLATIONS = ["full", "rlcr", "decoupled", "vce_entropy", "vce_kl", "vce_both"]
-SEARCH = f"hydra.searchpath=[file://{CONFIG_DIR},pkg://verl.trainer.config]"
+SEARCH = f"hydra.searchpath=[file://{CONFIG_DIR},file://{verl_config_dir()}]"
 
 
 def _compose(name: str, overrides: list[str] = (), config_dir: Path = RECIPES):

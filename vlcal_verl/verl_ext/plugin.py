@@ -6,7 +6,8 @@ point's target and never calls it, and swallows import errors at debug level —
 registers on import, and :func:`register` is idempotent (our task runner calls it again and fails
 loudly if something is wrong).
 
-What is registered: ``VLCalTrainer`` as verl V1 trainer ``"vlcal"`` (``get_trainer_cls("vlcal")``). It does
+What is registered: with ``VERL_PLATFORM=cpu``, first the CPU backend
+(:mod:`vlcal_verl.verl_ext.cpu_backend`: platform, FSDP engine on cpu, HF rollout); always ``VLCalTrainer`` as verl V1 trainer ``"vlcal"`` (``get_trainer_cls("vlcal")``). It does
 *not* replace verl's ``"sync"`` trainer, so a plain ``python -m verl.trainer.main_ppo`` in the same
 environment is unaffected. Ray workers need nothing else: the worker class travels by reference
 (``vlcal_verl.verl_ext.worker``) and is importable wherever the runtime env ships this package.
@@ -18,8 +19,17 @@ from __future__ import annotations
 TRAINER_NAME = "vlcal"
 
 
+def _register_cpu_backend_if_requested() -> None:
+    """``VERL_PLATFORM=cpu``: the CPU platform, engine and rollout (before anything asks for a platform)."""
+    from vlcal_verl.verl_ext.cpu_backend import cpu_backend_requested, register_cpu_backend
+
+    if cpu_backend_requested():
+        register_cpu_backend()
+
+
 def register() -> str:
     """Register ``VLCalTrainer`` as verl trainer ``"vlcal"`` (idempotent); return the name."""
+    _register_cpu_backend_if_requested()
     from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
 
     from vlcal_verl.verl_ext.trainer import VLCalTrainer

@@ -17,10 +17,11 @@ from verl.single_controller.base.decorator import make_nd_compute_dataproto_disp
 from verl.utils import tensordict_utils as tu
 from verl.utils.config import omega_conf_to_dataclass
 from verl.utils.profiler import DistProfiler
-from verl.workers.engine_workers import ActorRolloutRefWorker
+from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
 from vlcal_verl.config import VCEConfig
 from vlcal_verl.vce_mask import black_row_for
+from vlcal_verl.verl_ext.nested import dense_rows, renest_position_ids
 from vlcal_verl.verl_ext.vce_engine import SPAN_FIELD, prepare_vce_batch, vce_forward_installed
 
 
@@ -56,10 +57,47 @@ def vce_config_of(data: TensorDict) -> VCEConfig:
     return VCEConfig(**dict(raw))
 
 
-class VLCalActorRolloutRefWorker(ActorRolloutRefWorker):
-    """``ActorRolloutRefWorker`` + :meth:`compute_vce` (everything else is verl's)."""
+def open_cpu_process_group() -> None:
+    """On the CPU platform, open a plain gloo group before verl opens its own.
 
+    verl's ``initialize_global_process_group_ray`` builds the backend string ``cpu:gloo,{device}:{backend}``,
+    which on a CPU is ``cpu:gloo,cpu:gloo`` — torch rejects the duplicate device. verl opens a group only
+    when none exists (``torch.distributed.is_initialized()``), so opening ``gloo`` first is enough.
+    """
+    from vlcal_verl.verl_ext.cpu_backend import cpu_backend_requested
+
+    if cpu_backend_requested():
+        from verl.utils.distributed import initialize_global_process_group_ray
+
+        initialize_global_process_group_ray(timeout_second=None, backend="gloo")
+
+
+class VLCalTrainingWorker(TrainingWorker):
+    """verl's ``TrainingWorker`` (the actor's and the reference's engine holder), guarded against one
+    TransferQueue trap: when every sample on a DP rank has the same length, the 3-D position ids arrive
+    nested along the wrong axis and verl's ``seqlen_balancing`` / ``index_select`` crash
+    (:func:`vlcal_verl.verl_ext.nested.renest_position_ids` repairs them before verl reads them)."""
+
+    def infer_batch(self, data: TensorDict, *args: Any, **kwargs: Any) -> TensorDict | None:
+        renest_position_ids(data)
+        return super().infer_batch(data, *args, **kwargs)
+
+    def train_mini_batch(self, data: TensorDict, *args: Any, **kwargs: Any) -> TensorDict | None:
+        renest_position_ids(data)
+        return super().train_mini_batch(data, *args, **kwargs)
+
+
+class VLCalActorRolloutRefWorker(ActorRolloutRefWorker):
+    """``ActorRolloutRefWorker`` + :meth:`compute_vce`; its actor and reference engines live in
+    :class:`VLCalTrainingWorker` (verl's ``actor_worker_cls`` / ``ref_worker_cls`` extension points)."""
+
+    actor_worker_cls = VLCalTrainingWorker
+    ref_worker_cls = VLCalTrainingWorker
     _vce_constants: tuple[Any, int] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        open_cpu_process_group()
 
     def _image_constants(self) -> tuple[Any, int]:
         if self._vce_constants is None:
@@ -76,9 +114,9 @@ class VLCalActorRolloutRefWorker(ActorRolloutRefWorker):
         """
         cfg = vce_config_of(data)
         black, merge = self._image_constants()
-        prepared = prepare_vce_batch(
-            data, data[SPAN_FIELD].long().cpu(), cfg, black, merge, mask_ids_of(data)
-        )
+        renest_position_ids(data)
+        spans = dense_rows(data[SPAN_FIELD]).long().cpu()  # TransferQueue returns [B, 2] as jagged
+        prepared = prepare_vce_batch(data, spans, cfg, black, merge, mask_ids_of(data))
         tu.assign_non_tensor(prepared, compute_loss=False, calculate_entropy=False)
         with vce_forward_installed(self.actor.engine, cfg):
             output = self.actor.infer_batch(prepared)
