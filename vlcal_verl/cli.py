@@ -18,7 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "vlcal_verl.commands.metrics",
         "calibration metrics (ECE, AUROC, Brier, AURC) of a JSONL file",
     ),
-    "train": ("vlcal_verl.commands.train", "train with the local CPU engine (the embedded demo)"),
+    "train": (
+        "vlcal_verl.commands.train",
+        "the embedded demo: warm start, verl GRPO on the CPU backend, evaluation",
+    ),
     "eval": ("vlcal_verl.commands.eval", "generate or score a benchmark and write a calibration report"),
     "data": ("vlcal_verl.commands.data", "prepare training data and benchmarks as verl parquet"),
     "serve": ("vlcal_verl.commands.serve", "run the reward server (alias of python -m reward_server)"),

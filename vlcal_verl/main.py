@@ -234,6 +234,19 @@ def hydra_argv(argv: list[str]) -> list[str]:
     return argv
 
 
+def compose_recipe(recipe: str | Path, overrides: list[str] | None = None) -> DictConfig:
+    """The config ``python -m vlcal_verl.main --recipe RECIPE OVERRIDES`` runs with (Hydra's compose API;
+    nothing is checked or started)."""
+    from hydra import compose, initialize_config_dir
+
+    recipe = Path(recipe).resolve()
+    if not recipe.is_file():
+        raise ValueError(f"--recipe: no such file: {recipe}")
+    search = f"hydra.searchpath=[file://{CONFIG_DIR},file://{verl_config_dir()}]"
+    with initialize_config_dir(config_dir=str(recipe.parent), version_base=None):
+        return compose(config_name=recipe.stem, overrides=[*(overrides or []), search])
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m vlcal_verl.main [--check] [--recipe FILE] [hydra args]``."""
     sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:] if argv is None else argv)]

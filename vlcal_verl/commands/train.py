@@ -1,35 +1,51 @@
-"""``vlcal train``: run the local engine (the embedded CPU demo) from a recipe.
+"""``vlcal train``: the embedded demo — data, warm start, verl's GRPO run on the CPU backend, evaluation.
 
-    vlcal train --config recipes/tiny_cpu.yaml --out runs/demo [--resume] [local.rl_steps=30 ...]
+    vlcal train [--config recipes/tiny_cpu.yaml] [--out runs/demo] [--resume] [KEY=VALUE ...]
 
-The recipe's ``engine`` must be ``local``; the verl path is ``python -m vlcal_verl.main``.
+KEY=VALUE are Hydra overrides of the recipe, passed to verl's run as well (``trainer.total_training_steps=2
+trainer.default_local_dir=/tmp/ckpt``, ``demo.warm_start_steps=20``). The GRPO step alone is
+``python -m vlcal_verl.main --recipe recipes/tiny_cpu.yaml``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import warnings
+import sys
+from pathlib import Path
+
+DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny_cpu.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="recipe YAML (engine/local/vlcal blocks)")
-    parser.add_argument("--out", default="runs/local", help="output directory (metrics, checkpoints, report)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. local.rl_steps=30")
+    parser.add_argument("--config", type=Path, default=DEFAULT_RECIPE, help="recipe YAML with a demo: block")
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (demo.dir)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue verl's run from its latest checkpoint"
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.total_training_steps=2")
 
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # verl lists its optional GPU engines (megatron, torchtitan, ...) at import; irrelevant on this path
-    warnings.filterwarnings("ignore", message=r".*engine is not available.*")
-    from vlcal_verl.local.config import load_train_config
-    from vlcal_verl.local.engine import LocalEngine
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    cfg = load_train_config(args.config, args.overrides)
-    result = LocalEngine(cfg, args.out, resume=args.resume).run()
+    from vlcal_verl.demo.pipeline import run_demo
+
+    if not args.config.is_file():
+        print(f"vlcal train: --config: no such file: {args.config}", file=sys.stderr)
+        return 2
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        print(f"vlcal train: overrides must be KEY=VALUE, got {bad}", file=sys.stderr)
+        return 2
+    try:
+        result = run_demo(args.config, args.out, list(args.overrides), resume=args.resume)
+    except (ValueError, HydraException, OmegaConfBaseException) as err:  # bad recipe, key or value
+        print(f"vlcal train: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
     total = result.get("timings", {}).get("total_s")
     if total is not None:
         print(f"done in {total:.0f} s; outputs in {args.out}", flush=True)

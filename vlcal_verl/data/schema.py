@@ -50,6 +50,20 @@ def fit_pixels(image: Image.Image, min_pixels: int = MIN_PIXELS, max_pixels: int
     return image.resize(new, Image.Resampling.BICUBIC)
 
 
+def prompt_text(question: str, protocol: str = "decoupled", n_images: int = 1) -> str:
+    """The user turn as a verl row stores it: one ``<image>`` per image, a newline, the instructions."""
+    from vlcal_verl.protocol import build_prompt
+
+    return "<image>" * n_images + "\n" + build_prompt(question, protocol)
+
+
+def chat_messages(question: str, protocol: str = "decoupled", n_images: int = 1) -> list[dict[str, Any]]:
+    """The chat messages verl's ``RLHFDataset`` builds from :func:`prompt_text` (images first, then the
+    text after the placeholders), so the warm start and ``vlcal eval`` prompt exactly as training does."""
+    text = prompt_text(question, protocol, n_images).split("<image>")[-1]
+    return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
+
+
 def make_row(
     *,
     question: str,
@@ -65,14 +79,12 @@ def make_row(
     unanswerable: bool = False,
 ) -> dict[str, Any]:
     """One verl row: ``<image>`` placeholders first, then the protocol instructions around ``question``."""
-    from vlcal_verl.protocol import build_prompt
-
     if answer_kind not in ANSWER_KINDS:
         raise ValueError(f"answer_kind must be one of {ANSWER_KINDS}, got {answer_kind!r} (uid {uid})")
     if unanswerable:
         images = [blank_like(im) for im in images]
         uid = unanswerable_uid(uid)
-    content = "<image>" * len(images) + "\n" + build_prompt(question, protocol)
+    content = prompt_text(question, protocol, len(images))
     return {
         "data_source": data_source + ("-unanswerable" if unanswerable else ""),
         "prompt": [{"role": "user", "content": content}],

@@ -84,17 +84,16 @@ def load_bench_items(path: str | Path, limit: int | None = None) -> list[BenchIt
 
 
 def _messages(question: str, protocol: str, n_images: int = 1) -> list[dict[str, Any]]:
-    from vlcal_verl.protocol import build_prompt
+    from vlcal_verl.data.schema import chat_messages
 
-    content = [{"type": "image"}] * n_images + [{"type": "text", "text": build_prompt(question, protocol)}]
-    return [{"role": "user", "content": content}]
+    return chat_messages(question, protocol, n_images)
 
 
 def generate_hf(model, processor, items: Sequence[Any], settings: GenerationSettings) -> list[str]:
     """Batched HF generation, one response per item (greedy when temperature is 0)."""
     import torch
 
-    from vlcal_verl.local.rollout import encode_prompts, generate
+    from vlcal_verl.evaluation.hf_generate import encode_prompts, generate
 
     model.eval()
     gen = torch.Generator().manual_seed(settings.seed)

@@ -25,6 +25,7 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -149,12 +150,34 @@ def load_demo_data(train_size: int, eval_size: int, seed: int, image_size: int =
 
 
 def user_message(question: str, protocol: str = "decoupled") -> list[dict[str, Any]]:
-    """The chat messages of one prompt: an image then the protocol instruction (``protocol.build_prompt``)."""
-    from vlcal_verl.protocol import build_prompt
+    """The chat messages of one prompt, exactly as verl builds them from the parquet row."""
+    from vlcal_verl.data.schema import chat_messages
 
-    return [
-        {
-            "role": "user",
-            "content": [{"type": "image"}, {"type": "text", "text": build_prompt(question, protocol)}],
-        }
-    ]
+    return chat_messages(question, protocol, 1)
+
+
+HELDOUT = "easy-vqa-heldout"
+"""Benchmark name of the held-out parquet (``vlcal eval --bench``); its image-removed copy adds
+``-unanswerable``."""
+
+
+def write_demo_parquets(data: DemoData, out_dir: Path) -> dict[str, Path]:
+    """verl parquet files of the demo data (``data.schema`` rows, the images as resized):
+
+    ``train.parquet`` (GRPO prompts), ``easy-vqa-heldout.parquet`` (verl's validation set and the
+    evaluation benchmark) and ``easy-vqa-heldout-unanswerable.parquet`` (the same with blank images).
+    Existing files are kept (``--resume`` reuses them).
+    """
+    from vlcal_verl.data.easy_vqa import to_verl_rows
+    from vlcal_verl.data.schema import write_parquet
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "train": (out_dir / "train.parquet", data.train),
+        "heldout": (out_dir / f"{HELDOUT}.parquet", data.eval),
+        "unanswerable": (out_dir / f"{HELDOUT}-unanswerable.parquet", data.unanswerable),
+    }
+    for path, items in files.values():
+        if items and not path.exists():
+            write_parquet(to_verl_rows(items), path)
+    return {name: path for name, (path, items) in files.items() if items}

@@ -59,11 +59,13 @@ class TopKSampler(LogitsProcessor):
             logits = scores / self.temperature
             if 0 < self.top_k < logits.shape[-1]:
                 top, idx = logits.topk(self.top_k, dim=-1)  # sorted, most likely first
+                probs = torch.softmax(top, -1)  # top-p then applies within the top-k (as HF does)
             elif self.top_p < 1.0:
-                top, idx = logits.sort(dim=-1, descending=True)
+                top, idx = nucleus_candidates(logits, self.top_p)
+                probs = (top - logits.logsumexp(-1, keepdim=True)).exp()  # full-vocabulary probabilities
             else:
                 top, idx = logits, None
-            probs = torch.softmax(top, -1)
+                probs = torch.softmax(top, -1)
             if self.top_p < 1.0:  # drop a token once the more likely ones already reach top_p
                 before = probs.cumsum(-1) - probs
                 probs = probs.masked_fill(before >= self.top_p, 0.0)
@@ -71,6 +73,24 @@ class TopKSampler(LogitsProcessor):
             choice = pick if idx is None else idx.gather(-1, pick)
         out = torch.full_like(scores, -float("inf"))
         return out.scatter_(1, choice, 0.0)
+
+
+def nucleus_candidates(logits: torch.Tensor, top_p: float, k: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The most likely tokens of each row, sorted, enough of them to hold the top-p nucleus.
+
+    A full sort of a 152K vocabulary at every step is what made nucleus sampling slow. The nucleus is
+    the shortest most-likely-first prefix whose probability reaches ``top_p``, so when the top ``k``
+    tokens already hold ``top_p`` of the mass it lies inside them; otherwise ``k`` grows ×4 until they do
+    (at worst the whole vocabulary). Exact, not an approximation. ``logits`` [B, V] → ([B, k'], [B, k']).
+    """
+    vocab = logits.shape[-1]
+    lse = logits.logsumexp(-1, keepdim=True)
+    k = min(k, vocab)
+    while True:
+        top, idx = logits.topk(k, dim=-1)
+        if k == vocab or bool(((top - lse).exp().sum(-1) >= top_p).all()):
+            return top, idx
+        k = min(4 * k, vocab)
 
 
 @dataclass

@@ -1,21 +1,25 @@
 """Supervised warm start on protocol-formatted targets (see ``data.py`` for what the targets teach).
 
-Teacher forcing on ``prompt ⊕ target ⊕ <|im_end|>``: cross-entropy on the target tokens only, AdamW,
+Teacher forcing on ``prompt ⊕ target ⊕ <|im_end|>`` (the prompt exactly as verl builds it from the parquet
+row): cross-entropy on the target tokens only, AdamW,
 gradient clipping, a learning rate decaying linearly to 10% (the phase is about a hundred steps). Batches are
 drawn in a seeded order, so the phase is reproducible; its output is the RL phase's initial policy and
-(when ``local.kl_coef > 0``) the frozen reference.
+verl's reference policy (``warm_started_model`` saves it as an HF folder that verl loads).
 """
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from vlcal_verl.local.data import image_facts, user_message, warm_start_target
-from vlcal_verl.local.rollout import encode_prompts, response_logprobs, special_ids
+from vlcal_verl.demo.data import image_facts, user_message, warm_start_target
+from vlcal_verl.evaluation.hf_generate import encode_prompts, response_logprobs, special_ids
 
 
 def target_batch(tokenizer, targets: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,3 +86,40 @@ def warm_start(
             log({"warm_start/loss": losses[-1]}, step)
     model.eval()
     return losses
+
+
+def warm_started_model(cfg: Any, items: list[Any], out_dir: Path) -> Path:
+    """Build the tiny model, warm start it on ``items`` and save it (weights + processor) to ``out_dir``.
+
+    ``cfg`` is the :class:`vlcal_verl.demo.config.DemoConfig`. An existing complete folder is reused
+    (``vlcal train --resume``); the folder is written under a temporary name and renamed when complete.
+    """
+    from vlcal_verl.testing.tiny_models import load_tiny_vlm
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists() and (out_dir / "processor_config.json").exists():
+        print(f"warm start: reusing {out_dir}", flush=True)
+        return out_dir
+    torch.manual_seed(cfg.seed)
+    model, processor = load_tiny_vlm(cfg.model_family, seed=cfg.seed)
+    losses = warm_start(
+        model,
+        processor,
+        items,
+        steps=cfg.warm_start_steps,
+        batch_size=cfg.warm_start_batch_size,
+        lr=cfg.warm_start_lr,
+        weight_decay=0.0,
+        grad_clip=1.0,
+        seed=cfg.seed,
+    )
+    if losses:
+        print(f"warm start: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps", flush=True)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "warm_start_losses.json").write_text(json.dumps(losses), encoding="utf-8")
+    tmp.rename(out_dir)
+    return out_dir

@@ -7,34 +7,9 @@ import random
 import pytest
 import torch
 
-from vlcal_verl.local.config import load_train_config
-from vlcal_verl.local.data import PALETTE, image_facts, warm_start_target
-from vlcal_verl.local.engine import data_order
-from vlcal_verl.local.rollout import TopKSampler, cut_responses
-
-
-def test_recipe_loads_and_overrides_are_typed():
-    cfg = load_train_config(
-        "recipes/tiny_cpu.yaml", ["local.lr=1e-3", "local.rl_steps=3", "vlcal.tar.enabled=false"]
-    )
-    assert cfg.engine == "local"
-    assert cfg.local.lr == 0.001 and isinstance(cfg.local.lr, float)
-    assert cfg.local.rl_steps == 3 and cfg.vlcal.tar.enabled is False
-    assert cfg.local.rl_steps >= 0 and cfg.local.n_rollouts >= 2
-
-
-@pytest.mark.parametrize(
-    ("override", "field"),
-    [
-        ("local.bogus=1", "bogus"),
-        ("local.lr=abc", "local.lr"),
-        ("local.n_rollouts=1", "n_rollouts"),
-        ("engine=verl", "engine"),
-    ],
-)
-def test_bad_recipe_values_name_the_field(override, field):
-    with pytest.raises(ValueError, match=field):
-        load_train_config(None, [override])
+from vlcal_verl.demo.config import DemoConfig
+from vlcal_verl.demo.data import PALETTE, image_facts, warm_start_target
+from vlcal_verl.evaluation.hf_generate import TopKSampler, cut_responses
 
 
 def test_image_facts_match_easy_vqa_answers():
@@ -116,17 +91,9 @@ def test_cut_responses_keeps_tokens_through_first_eos():
     assert responses.tolist() == [[5, 6, 9, 0, 0], [5, 9, 0, 0, 0], [1, 2, 3, 4, 5]]
 
 
-def test_data_order_is_a_pure_function_of_step_and_covers_an_epoch():
-    per_step, n = 4, 12
-    first_epoch = [i for step in range(1, 4) for i in data_order(n, 0, step, per_step)]
-    assert sorted(first_epoch) == list(range(n))
-    assert data_order(n, 0, 5, per_step) == data_order(n, 0, 5, per_step)
-    assert data_order(n, 0, 5, per_step) != data_order(n, 1, 5, per_step)
-
-
 def test_summary_row_reads_vlcal_eval_report(tmp_path):
+    from vlcal_verl.demo.evaluate import format_table, summary_row
     from vlcal_verl.evaluation.report import write_report
-    from vlcal_verl.local.evaluate import format_table, summary_row
 
     def rec(conf, correct, blank=False):
         parsed = conf is not None
@@ -155,3 +122,93 @@ def test_summary_row_reads_vlcal_eval_report(tmp_path):
     assert 0.0 <= row["ece"] <= 1.0
     table = format_table({"before": row, "after": row})
     assert "| parse rate | 0.750 | 0.750 |" in table and table.count("\n") == 9
+
+
+def test_demo_block_is_typed_and_names_bad_fields():
+    cfg = DemoConfig.from_dict({"warm_start_lr": "1e-2", "eval_size": "12"})
+    assert cfg.warm_start_lr == pytest.approx(0.01) and cfg.eval_size == 12
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in demo: \['warm_steps'\]"):
+        DemoConfig.from_dict({"warm_steps": 3})
+    with pytest.raises(ValueError, match=r"demo\.train_size must be > 0"):
+        DemoConfig.from_dict({"train_size": 0})
+    with pytest.raises(ValueError, match=r"demo\.seed must be of type int"):
+        DemoConfig.from_dict({"seed": "zero"})
+
+
+def test_tiny_cpu_recipe_composes_with_demo_paths(tmp_path):
+    from omegaconf import OmegaConf
+
+    from vlcal_verl.commands.train import DEFAULT_RECIPE
+    from vlcal_verl.main import compose_recipe
+
+    cfg = compose_recipe(DEFAULT_RECIPE, [f"demo.dir={tmp_path}", "trainer.total_training_steps=2"])
+    assert cfg.trainer.device == "cpu" and cfg.actor_rollout_ref.rollout.name == "hf"
+    assert cfg.actor_rollout_ref.model.path == f"{tmp_path}/warm_start"
+    assert cfg.data.train_files == f"{tmp_path}/data/train.parquet"
+    assert cfg.trainer.default_local_dir == f"{tmp_path}/verl" and cfg.trainer.total_training_steps == 2
+    assert "hf_model" in cfg.actor_rollout_ref.actor.checkpoint.save_contents
+    DemoConfig.from_dict(OmegaConf.to_container(cfg.demo, resolve=True))
+
+
+def test_warm_start_prompt_is_the_prompt_verl_builds(tmp_path):
+    """The warm start teaches the template on the exact token ids verl's dataset feeds the rollout."""
+    from omegaconf import OmegaConf
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    from vlcal_verl.data.easy_vqa import load_easy_vqa, to_verl_rows
+    from vlcal_verl.data.schema import write_parquet
+    from vlcal_verl.demo.data import user_message
+    from vlcal_verl.evaluation.hf_generate import encode_prompts
+    from vlcal_verl.testing.tiny_models import load_tiny_vlm
+
+    _, processor = load_tiny_vlm("qwen3-vl")
+    items = load_easy_vqa("train", limit=2, seed=3)
+    write_parquet(to_verl_rows(items), tmp_path / "t.parquet")
+    conf = OmegaConf.create(
+        {
+            "prompt_key": "prompt",
+            "image_key": "images",
+            "max_prompt_length": 1024,
+            "filter_overlong_prompts": False,
+        }
+    )
+    ds = RLHFDataset(str(tmp_path / "t.parquet"), processor.tokenizer, conf, processor=processor)
+    for i, it in enumerate(items):
+        messages = ds[i]["raw_prompt"]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ours = encode_prompts(processor, [user_message(it.question)], [it.image])
+        theirs = processor(text=[text], images=[it.image], return_tensors="pt")
+        assert (
+            ours["input_ids"][0][ours["attention_mask"][0].bool()].tolist() == theirs["input_ids"][0].tolist()
+        )
+
+
+def test_read_verl_metrics_merges_launches(tmp_path):
+    import json
+
+    from vlcal_verl.demo.evaluate import plot_curves, read_verl_metrics
+
+    a, b = tmp_path / "verl-1.jsonl", tmp_path / "verl-2.jsonl"
+    a.write_text("\n".join(json.dumps({"step": s, "data": {"critic/score/mean": s}}) for s in (1, 2, 3)))
+    b.write_text(json.dumps({"step": 3, "data": {"critic/score/mean": 30.0}}) + "\n")
+    hist = read_verl_metrics([a, b, tmp_path / "missing.jsonl"])
+    assert [h["step"] for h in hist] == [1, 2, 3] and hist[-1]["critic/score/mean"] == 30.0
+    plot_curves(hist, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.999])
+def test_nucleus_from_candidates_equals_the_full_sort(top_p):
+    """The candidate path keeps exactly the tokens a full-vocabulary sort keeps, with the same probabilities."""
+    from vlcal_verl.evaluation.hf_generate import nucleus_candidates
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5000, generator=gen) * torch.tensor([0.5, 1, 2, 4, 8, 16])[:, None]
+    top, idx = nucleus_candidates(logits, top_p, k=16)
+    full = torch.softmax(logits, -1)
+    for row in range(logits.shape[0]):
+        p_sorted, order = full[row].sort(descending=True)
+        keep = int(((p_sorted.cumsum(0) - p_sorted) < top_p).sum())  # brute-force nucleus size
+        assert idx.shape[1] >= keep
+        assert set(idx[row, :keep].tolist()) == set(order[:keep].tolist())
+        assert torch.allclose((top[row, :keep] - logits[row].logsumexp(0)).exp(), p_sorted[:keep])
