@@ -35,8 +35,12 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+DEMO_OUT ?= runs/demo
+
+# the demo starts fresh each time (vlcal train refuses to mix runs in one folder; --resume continues one)
 demo: install
-	$(VENV)/bin/vlcal train --config recipes/tiny_cpu.yaml --out runs/demo
+	rm -rf $(DEMO_OUT)
+	$(VENV)/bin/vlcal train --config recipes/tiny_cpu.yaml --out $(DEMO_OUT)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -6,7 +6,13 @@ with ``--import-mode=importlib`` and never imported as ``tests``.
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Ray's single-machine mode (every address it advertises is 127.0.0.1) is read when Ray is imported, so it
+# is set before any test imports it; the CPU backend checks it (vlcal_verl.verl_ext.cpu_backend.ray_local).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -84,7 +84,7 @@ def _gen(server, prompt_ids, **sampling: Any):
 
 def _brute_force_log_probs(server, prompt_ids, response_ids, temperature, images=None) -> torch.Tensor:
     """``[T]``: ``log_softmax(logits / T)`` of each response token from one full forward (no cache)."""
-    from vlcal_verl.verl_ext.cpu_backend.rollout import build_mm_inputs
+    from vlcal_verl.verl_ext.cpu_backend.hf_inputs import build_mm_inputs
 
     ids, mm = build_mm_inputs(server.model_config.processor, prompt_ids, images, None)
     full = torch.tensor([ids + response_ids])
@@ -132,7 +132,7 @@ def test_register_rollout_resolves_through_verls_lookups():
 
 
 def test_resolve_sampling_mirrors_vllm_defaults(server):
-    from vlcal_verl.verl_ext.cpu_backend.rollout import resolve_sampling
+    from vlcal_verl.verl_ext.cpu_backend.hf_inputs import resolve_sampling
 
     cfg = server.config  # prompt_length 256, response_length 12, max_model_len 4096 (tiny)
     assert resolve_sampling({}, cfg, prompt_len=10).max_tokens == 12
@@ -193,7 +193,7 @@ def test_image_prompt_generates_with_matching_log_probs(server):
 
 
 def test_collapsed_image_pads_are_expanded(server):
-    from vlcal_verl.verl_ext.cpu_backend.rollout import align_placeholders, build_mm_inputs
+    from vlcal_verl.verl_ext.cpu_backend.hf_inputs import align_placeholders, build_mm_inputs
 
     prompt, images = _image_prompt(server)
     image_id = server.model_config.processor.image_token_id
@@ -208,7 +208,7 @@ def test_collapsed_image_pads_are_expanded(server):
 
 
 def test_vision_tokens_are_never_sampled(server):
-    from vlcal_verl.verl_ext.cpu_backend.rollout import banned_token_ids
+    from vlcal_verl.verl_ext.cpu_backend.hf_inputs import banned_token_ids
 
     banned = banned_token_ids(server.model_config.processor, server.model_config.hf_config)
     assert {151652, 151653, 151654, 151655, 151656} <= set(banned)

@@ -158,3 +158,31 @@ def test_image_pixel_budget_reaches_the_qwen3_vl_processor(tmp_path):
             0
         ].tolist()
         assert 262144 <= gh * gw * patch * patch <= 4194304, (h, w, gh, gw)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--recipe", "recipes/tiny_cpu.yaml", "demo.dir=/tmp/vlcal-demo"],
+        ["--recipe", "recipes/qwen3_vl_4b.yaml", "+device=cpu", "actor_rollout_ref.model.path=/m"],
+    ],
+)
+def test_cpu_device_check_in_a_fresh_process(args):
+    """`--check` with the CPU backend: verl is first imported after VERL_PLATFORM=cpu is exported."""
+    import subprocess
+    import sys
+
+    from vlcal_verl.testing.ray_local import private_ray_env
+
+    env = {k: v for k, v in private_ray_env().items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    out = subprocess.run(
+        [sys.executable, "-m", "vlcal_verl.main", "--check", *args, "hydra.run.dir=/tmp/vlcal-check-hydra"],
+        cwd=RECIPES.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "[vlcal] config OK" in out.stdout
+    assert "Falling back to 'nvidia'" not in out.stdout + out.stderr  # the CPU platform was chosen
