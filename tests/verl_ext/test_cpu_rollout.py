@@ -363,44 +363,43 @@ def test_llm_server_manager_generates_and_adapter_updates_through_ray(tiny_paths
     ray = pytest.importorskip("ray")
     from verl.workers.rollout.llm_server import LLMServerManager
 
+    from vlcal_verl.testing.ray_local import private_ray
     from vlcal_verl.verl_ext.cpu_backend.rollout import HFServerAdapter, register_rollout
 
     register_rollout()
     cfg = _verl_config(tiny_paths[SEED_A])
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, num_gpus=0)
-    try:
+    with private_ray(num_cpus=2):
         manager = LLMServerManager.create(config=cfg, worker_group=_HybridWorkerGroup(world_size=2))
         assert manager.get_addresses() == ["hf://hf_server_0_0", "hf://hf_server_1_0"]
         client = manager.get_client()
+        replicas = manager.get_replicas()
         prompt = list(_tokenizer(tiny_paths[SEED_A])("hello world")["input_ids"])
         sampling = {"temperature": 0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "logprobs": True}
 
-        def generate(request_id: str):
-            return asyncio.run(client.generate(request_id, prompt_ids=prompt, sampling_params=dict(sampling)))
+        def direct(tag: str) -> list:
+            return [
+                ray.get(r.server_handle.generate.remote(prompt, dict(sampling), f"{tag}{i}"))
+                for i, r in enumerate(replicas)
+            ]
 
-        first = generate("a")
+        first = asyncio.run(client.generate("a", prompt_ids=prompt, sampling_params=dict(sampling)))
         assert first.stop_reason == "completed" and len(first.log_probs) == len(first.token_ids) <= 4
+        before = direct("b")
+        # the load balancer routed the client's request to one of the two replicas (greedy: same tokens)
+        assert first.token_ids in [o.token_ids for o in before]
         # rank 1 of 2 with tp=1 is replica 1's leader: push all-zero weights to that replica only
         monkeypatch.setenv("RANK", "1")
-        rollout_config = manager.get_replicas()[1].config
-        adapter = HFServerAdapter(rollout_config, manager.get_replicas()[1].model_config, device_mesh=None)
+        adapter = HFServerAdapter(replicas[1].config, replicas[1].model_config, device_mesh=None)
         zeros = ((n, torch.zeros_like(t)) for n, t in _state_dict(tiny_paths[SEED_B]).items())
         asyncio.run(adapter.update_weights(zeros, global_steps=2))
-        replicas = manager.get_replicas()
-        outs = [
-            ray.get(r.server_handle.generate.remote(prompt, dict(sampling), f"r{i}"))
-            for i, r in enumerate(replicas)
-        ]
-        assert [o.extra_fields["global_steps"] for o in outs] == [None, 2]
-        assert outs[0].token_ids == first.token_ids != outs[1].token_ids
+        after = direct("c")
+        assert [o.extra_fields["global_steps"] for o in after] == [None, 2]
+        assert after[0].token_ids == before[0].token_ids and after[1].token_ids != before[1].token_ids
         for replica in replicas:
             asyncio.run(replica.abort_all_requests())
             asyncio.run(replica.resume_generation())
             asyncio.run(replica.sleep())
             asyncio.run(replica.wake_up())
-    finally:
-        ray.shutdown()
 
 
 def _tokenizer(path: str):
