@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = run_demo(args.config, args.out, list(args.overrides), resume=args.resume)
     except (ValueError, HydraException, OmegaConfBaseException) as err:  # bad recipe, key or value
-        print(f"vlcal train: {str(err).splitlines()[0]}", file=sys.stderr)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        print(f"vlcal train: {' '.join(lines[:2])}", file=sys.stderr)
         return 2
     total = result.get("timings", {}).get("total_s")
     if total is not None:
