@@ -33,7 +33,7 @@ def nested_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     if rows[0].dim() == 1:
         lengths = torch.tensor([r.shape[0] for r in rows])
         values = torch.cat(list(rows))
-        return torch.nested.nested_tensor_from_jagged(values, lengths=None, offsets=_offsets(lengths))
+        return torch.nested.nested_tensor_from_jagged(values, offsets=_offsets(lengths))
     if rows[0].dim() != 2 or any(r.shape[0] != rows[0].shape[0] for r in rows):
         raise ValueError(
             f"nested_rows: rows must all be [n] or all [C, n]; got {[tuple(r.shape) for r in rows]}"

@@ -83,11 +83,7 @@ def put_fields(batch: Any, fields: TensorDict) -> Any:
     padding flags) and ``extra_info`` (batch-level settings the workers read) over.
     """
     written = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
-    listed = list(getattr(written, "fields", None) or [])
-    for name in [*(batch.fields or []), *fields.keys()]:
-        if name not in listed:
-            listed.append(name)
-    return dataclasses.replace(batch, fields=listed)
+    return dataclasses.replace(batch, fields=list(written.fields))
 
 
 class VLCalTrainer(PPOTrainerSync):

@@ -114,7 +114,7 @@ class VLCalActorRolloutRefWorker(ActorRolloutRefWorker):
         """
         cfg = vce_config_of(data)
         black, merge = self._image_constants()
-        renest_position_ids(data)
+        # prepare_vce_batch rebuilds position ids row by row (nested_rows), so no re-nesting is needed here
         spans = dense_rows(data[SPAN_FIELD]).long().cpu()  # TransferQueue returns [B, 2] as jagged
         prepared = prepare_vce_batch(data, spans, cfg, black, merge, mask_ids_of(data))
         tu.assign_non_tensor(prepared, compute_loss=False, calculate_entropy=False)

@@ -71,7 +71,7 @@ def configure_ray_init(config: DictConfig) -> dict[str, Any]:
             ray_init.num_cpus = logical_cpus(config)
         env_vars = ray_init.runtime_env.get("env_vars") or {}
         ray_init.runtime_env.env_vars = {**CPU_ENV_VARS, **OmegaConf.to_container(OmegaConf.create(env_vars))}
-    set_cpu_env()
+    # the CPU env vars themselves are exported by the caller before Ray is imported (set_cpu_env)
     # a cluster named in the environment (RAY_ADDRESS, token auth) is not ours to join: the private head
     # runs without auth and is reachable from 127.0.0.1 only
     for key in ("RAY_ADDRESS", "RAY_AUTH_MODE"):
