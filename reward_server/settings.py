@@ -8,6 +8,7 @@ flag or variable, never a silent default.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -24,7 +25,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     """Interface to bind (loopback by default; use 0.0.0.0 behind a firewall or in a container)."""
     port: int = 8000
-    """TCP port."""
+    """TCP port, 1..65535. 0 ("any free port") is refused: clients and probes need a known port."""
     workers: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
     """Grading processes in the pool (one uvicorn process; grading scales with this)."""
     timeout: float = 5.0
@@ -54,7 +55,13 @@ class ServerSettings:
 
     def validate(self) -> ServerSettings:
         """Raise ValueError naming the field when a value is out of range; return self."""
-        positive = ("port", "workers", "timeout", "max_items", "max_body_bytes", "max_inflight")
+        for f in fields(self):  # NaN compares False with everything, so it would pass every range check
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+        positive = ("workers", "timeout", "max_items", "max_body_bytes", "max_inflight")
         for name in (*positive, "max_response_chars", "retry_after_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -84,7 +91,7 @@ class ServerSettings:
 
 _HELP = {
     "host": "interface to bind",
-    "port": "TCP port",
+    "port": "TCP port, 1..65535",
     "workers": "grading processes (default: CPU count)",
     "timeout": "per-item grading timeout, seconds",
     "max_items": "items per request (more -> 413)",
@@ -93,10 +100,10 @@ _HELP = {
     "max_response_chars": "characters per response text (more -> 413)",
     "retry_after_s": "Retry-After seconds on 503",
     "protocol": "default protocol: decoupled | rlcr",
-    "w_brier": "default Brier weight",
-    "w_fmt": "default format weight",
-    "w_vis": "default visual-term weight",
-    "reference_parity": "default to the authors' reward: --reference-parity [true|false]",
+    "w_brier": "default Brier weight (finite)",
+    "w_fmt": "default format weight (finite)",
+    "w_vis": "default visual-term weight (finite)",
+    "reference_parity": "default to the authors' reward (off unless given): --reference-parity [true|false]",
     "log_level": "uvicorn log level",
 }
 

@@ -75,3 +75,40 @@ def test_bool_setting_from_flag_and_env():
         parse(["--reference-parity", "maybe"])
     args = build_parser().parse_args(["serve", "--reference-parity"])
     assert s.from_args(args, environ={}).reference_parity is True
+
+
+@pytest.mark.parametrize("name", ["w_brier", "w_fmt", "w_vis", "timeout"])
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "NaN"])
+def test_non_finite_floats_are_refused(name, text):
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(ValueError, match=f"^{name} must be a finite number, got"):
+        s.from_args(parse([f"{flag}={text}"]), environ={})
+    with pytest.raises(ValueError, match=f"^{name} must be a finite number, got"):
+        s.from_args(None, environ={"VLCAL_RS_" + name.upper(): text})
+
+
+def test_port_range():
+    for port in (1, 8000, 65535):
+        assert s.from_args(parse(["--port", str(port)]), environ={}).port == port
+    for port in (0, -1, 65536, 99999):
+        with pytest.raises(ValueError, match=rf"^port must be in 1\.\.65535, got {port}$"):
+            s.from_args(parse(["--port", str(port)]), environ={})
+
+
+@pytest.mark.parametrize(
+    ("argv", "want"),
+    [
+        (["--port", "99999"], "reward_server: port must be in 1..65535, got 99999"),
+        (["--w-brier", "nan"], "reward_server: w_brier must be a finite number, got nan"),
+    ],
+)
+def test_cli_refuses_bad_settings_in_one_line(argv, want):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "reward_server", *argv], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [want]
+    assert proc.stdout == ""
