@@ -16,6 +16,10 @@ Conventions (each one is a choice a reader should not have to guess):
   (a curve point only after the whole tie group), so the result never depends on input order.
   AURC = Σ_k (cov_k − cov_{k−1}) · risk_k, the area under that step curve (equal to the usual
   mean over i of the risk of the top-i answers when confidences are distinct).
+* Bootstrap intervals (:func:`bootstrap_ci`): items are resampled with replacement, ``n_boot`` draws
+  from ``numpy.random.default_rng(seed)`` (:func:`bootstrap_indices`), the percentile interval of each
+  metric over the draws. Every draw's five metrics are computed at once from per-draw counts (no Python
+  loop over draws); a draw where AUROC is undefined (one class only) is left out of AUROC's interval.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ __all__ = [
     "auroc",
     "auroc_with_reason",
     "bin_indices",
+    "bootstrap_ci",
+    "bootstrap_difference",
+    "bootstrap_indices",
+    "bootstrap_metrics",
     "brier_score",
     "calibration_metrics",
     "expected_calibration_error",
@@ -225,6 +233,133 @@ def calibration_metrics(
                 f"parsed must have the same length as confidence, got {flags.shape} vs {conf.shape}"
             )
         out["parse_rate"] = float(flags.astype(bool).mean())
+    return out
+
+
+BOOTSTRAP_METRICS = ("accuracy", "auroc", "ece", "brier", "aurc")
+
+
+def bootstrap_indices(n: int, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """The resampled item indices, int64 [n_boot, n]: draw b is ``rng.integers(0, n, n)`` of one seeded
+    generator, so any two callers with the same (n, n_boot, seed) resample the same items."""
+    if n < 1 or n_boot < 1:
+        raise ValueError(f"bootstrap needs n >= 1 and n_boot >= 1, got n={n}, n_boot={n_boot}")
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def _per_draw_counts(codes: np.ndarray, idx: np.ndarray, n_codes: int, weights: np.ndarray) -> np.ndarray:
+    """[n_boot, n_codes]: Σ weights of the resampled items per code, one ``bincount`` for all draws."""
+    flat = (codes[idx] + n_codes * np.arange(idx.shape[0])[:, None]).ravel()
+    return np.bincount(flat, weights=weights[idx].ravel(), minlength=idx.shape[0] * n_codes).reshape(
+        idx.shape[0], n_codes
+    )
+
+
+def bootstrap_metrics(
+    confidence: Any, correct: Any, idx: np.ndarray, n_bins: int = 10
+) -> dict[str, np.ndarray]:
+    """ACC, AUROC, ECE, Brier and AURC of every resample ``idx`` [n_boot, n] → {metric: float64 [n_boot]}.
+
+    Same definitions as the point functions above (ties in AUROC count ½; risk–coverage ties enter
+    together); AUROC is NaN in a draw with only one class. Vectorised: each draw is summarised by the
+    count of correct / wrong answers per distinct confidence value and the sums per ECE bin.
+    """
+    conf, corr = _validate(confidence, correct)
+    idx = np.asarray(idx, dtype=np.int64)
+    if idx.ndim != 2 or idx.size == 0 or idx.min() < 0 or idx.max() >= len(conf):
+        raise ValueError(f"idx must be [n_boot, m] indices into {len(conf)} items, got shape {idx.shape}")
+    m = idx.shape[1]
+    out = {
+        "accuracy": corr[idx].mean(1),
+        "brier": ((conf - corr) ** 2)[idx].mean(1),
+    }
+    bins = bin_indices(conf, n_bins)
+    gap = _per_draw_counts(bins, idx, n_bins, corr) - _per_draw_counts(bins, idx, n_bins, conf)
+    out["ece"] = np.abs(gap).sum(1) / m
+    # distinct confidences, highest first: code 0 = the most confident group
+    values, inverse = np.unique(-conf, return_inverse=True)
+    u = len(values)
+    pos = _per_draw_counts(inverse, idx, u, corr)  # correct answers per confidence value
+    neg = _per_draw_counts(inverse, idx, u, 1.0 - corr)
+    n_pos, n_neg = pos.sum(1), neg.sum(1)
+    # AUROC = P(conf_correct > conf_wrong) + ½ P(tie): wrong answers strictly below each value
+    neg_below = n_neg[:, None] - np.cumsum(neg, 1)
+    pairs = (pos * (neg_below + 0.5 * neg)).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["auroc"] = np.where((n_pos > 0) & (n_neg > 0), pairs / (n_pos * n_neg), np.nan)
+        kept = np.cumsum(pos + neg, 1)
+        risk = np.divide(np.cumsum(neg, 1), kept, out=np.zeros_like(kept), where=kept > 0)
+    out["aurc"] = ((pos + neg) / m * risk).sum(1)
+    return out
+
+
+def _percentile_interval(values: np.ndarray, level: float) -> list[float] | None:
+    finite = values[np.isfinite(values)]
+    if not len(finite):
+        return None
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return [float(low), float(high)]
+
+
+def bootstrap_ci(
+    confidence: Any,
+    correct: Any,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    n_bins: int = 10,
+    chunk: int = 250,
+) -> dict[str, list[float] | None]:
+    """Percentile bootstrap intervals {metric: [low, high]} of ACC, AUROC, ECE, Brier, AURC.
+
+    Items are resampled with replacement (:func:`bootstrap_indices`), ``chunk`` draws at a time so memory
+    stays ``chunk × n``. None for AUROC when no draw holds both classes.
+
+    >>> ci = bootstrap_ci([0.9, 0.8, 0.3, 0.2], [1, 1, 0, 1], n_boot=2000, seed=0)
+    >>> ci["accuracy"][0] <= 0.75 <= ci["accuracy"][1]
+    True
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    conf, corr = _validate(confidence, correct)
+    idx = bootstrap_indices(len(conf), n_boot, seed)
+    parts = [bootstrap_metrics(conf, corr, idx[s : s + chunk], n_bins) for s in range(0, n_boot, chunk)]
+    return {k: _percentile_interval(np.concatenate([p[k] for p in parts]), level) for k in BOOTSTRAP_METRICS}
+
+
+def _point(conf: np.ndarray, corr: np.ndarray, n_bins: int) -> dict[str, float | None]:
+    m = calibration_metrics(conf, corr, n_bins)
+    return {k: m[k] for k in BOOTSTRAP_METRICS}
+
+
+def bootstrap_difference(
+    a: tuple[Any, Any],
+    b: tuple[Any, Any],
+    paired: bool,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    n_bins: int = 10,
+) -> dict[str, dict[str, Any]]:
+    """B − A for each metric: ``{metric: {"a", "b", "diff", "ci95": [low, high] | None}}``.
+
+    ``a``, ``b``: (confidence, correct) of two evaluations. ``paired``: the two arrays hold the same
+    items in the same order (joined by uid), and each draw resamples the same items in both, so the
+    item-to-item variation common to both cancels; otherwise A and B are resampled independently.
+    """
+    ca, ya = _validate(*a)
+    cb, yb = _validate(*b)
+    if paired and len(ca) != len(cb):
+        raise ValueError(f"paired bootstrap needs the same items in A and B, got {len(ca)} and {len(cb)}")
+    idx_a = bootstrap_indices(len(ca), n_boot, seed)
+    idx_b = idx_a if paired else bootstrap_indices(len(cb), n_boot, seed + 1)
+    da, db = bootstrap_metrics(ca, ya, idx_a, n_bins), bootstrap_metrics(cb, yb, idx_b, n_bins)
+    pa, pb = _point(ca, ya, n_bins), _point(cb, yb, n_bins)
+    out = {}
+    for k in BOOTSTRAP_METRICS:
+        diff = None if pa[k] is None or pb[k] is None else pb[k] - pa[k]
+        out[k] = {"a": pa[k], "b": pb[k], "diff": diff, "ci95": _percentile_interval(db[k] - da[k], level)}
     return out
 
 

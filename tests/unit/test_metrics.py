@@ -13,6 +13,9 @@ from vlcal_verl.metrics import (
     auroc,
     auroc_with_reason,
     bin_indices,
+    bootstrap_ci,
+    bootstrap_indices,
+    bootstrap_metrics,
     brier_score,
     calibration_metrics,
     expected_calibration_error,
@@ -243,3 +246,91 @@ def test_risk_coverage_plot_has_all_curves(tmp_path):
     assert out.stat().st_size > 10_000 and _png_pixels(out).std() > 0.05
     with pytest.raises(ValueError, match="curves"):
         plot_risk_coverage({}, tmp_path / "x.png")
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def _brute_force_draws(conf, corr, idx):
+    """One plain Python loop over the draws, each scored by the point metrics (scikit-learn AUROC/Brier)."""
+    conf, corr = np.asarray(conf), np.asarray(corr)
+    rows = []
+    for draw in idx:
+        c, y = conf[draw].tolist(), corr[draw].tolist()
+        auc = auroc(c, y)
+        rows.append(
+            {
+                "accuracy": accuracy(y),
+                "auroc": np.nan if auc is None else auc,
+                "ece": expected_calibration_error(c, y),
+                "brier": brier_score(c, y),
+                "aurc": aurc(c, y),
+            }
+        )
+    return {k: np.array([r[k] for r in rows]) for k in rows[0]}
+
+
+def _sample(n, seed):
+    rng = np.random.default_rng(seed)
+    conf = rng.integers(0, 11, n) / 10  # a 0.1 grid: many ties, as parsed confidences have
+    corr = (rng.random(n) < 0.3 + 0.5 * conf).astype(int)
+    return conf, corr
+
+
+def test_bootstrap_draws_equal_a_brute_force_resampler():
+    conf, corr = _sample(37, 1)
+    idx = bootstrap_indices(len(conf), 300, seed=7)
+    assert idx.shape == (300, 37) and (idx == np.random.default_rng(7).integers(0, 37, (300, 37))).all()
+    fast = bootstrap_metrics(conf, corr, idx)
+    slow = _brute_force_draws(conf, corr, idx)
+    for k in slow:
+        np.testing.assert_allclose(fast[k], slow[k], rtol=0, atol=1e-12, err_msg=k)
+
+
+def test_bootstrap_auroc_undefined_draws_are_nan_and_left_out():
+    conf, corr = [0.9, 0.2, 0.5], [1, 0, 1]
+    idx = np.array([[0, 0, 2], [0, 1, 2], [1, 1, 1]])  # only correct; both; only wrong
+    fast = bootstrap_metrics(conf, corr, idx)
+    assert np.isnan(fast["auroc"][0]) and np.isnan(fast["auroc"][2]) and fast["auroc"][1] == 1.0
+    assert bootstrap_ci([0.5, 0.4], [1, 1], n_boot=50)["auroc"] is None
+
+
+def test_bootstrap_ci_is_the_percentile_interval_of_the_brute_force_draws():
+    conf, corr = _sample(60, 2)
+    ci = bootstrap_ci(conf, corr, n_boot=1000, seed=3, chunk=128)  # chunks must not change the draws
+    slow = _brute_force_draws(conf, corr, bootstrap_indices(60, 1000, seed=3))
+    point = calibration_metrics(conf, corr)
+    for k, draws in slow.items():
+        draws = draws[np.isfinite(draws)]
+        assert ci[k] == pytest.approx(np.percentile(draws, [2.5, 97.5]).tolist(), abs=1e-12), k
+        assert ci[k][0] <= point[k] <= ci[k][1], k  # the point estimate sits inside here
+
+
+def test_bootstrap_interval_narrows_with_more_items():
+    small = bootstrap_ci(*_sample(50, 4), n_boot=1000)
+    large = bootstrap_ci(*_sample(2000, 4), n_boot=1000)
+    for k in ("accuracy", "brier", "auroc"):
+        assert large[k][1] - large[k][0] < 0.5 * (small[k][1] - small[k][0]), k
+
+
+def test_paired_difference_equals_brute_force_and_is_tighter_than_unpaired():
+    from vlcal_verl.metrics import bootstrap_difference
+
+    conf_a, corr_a = _sample(80, 5)
+    rng = np.random.default_rng(9)
+    corr_b = np.where(rng.random(80) < 0.85, corr_a, 1 - corr_a)  # B mostly agrees with A item by item
+    conf_b = conf_a
+    paired = bootstrap_difference((conf_a, corr_a), (conf_b, corr_b), paired=True, n_boot=1000, seed=0)
+    idx = bootstrap_indices(80, 1000, seed=0)
+    da, db = _brute_force_draws(conf_a, corr_a, idx), _brute_force_draws(conf_b, corr_b, idx)
+    for k in da:
+        d = (db[k] - da[k])[np.isfinite(db[k] - da[k])]
+        assert paired[k]["ci95"] == pytest.approx(np.percentile(d, [2.5, 97.5]).tolist(), abs=1e-12), k
+    assert paired["accuracy"]["diff"] == pytest.approx(corr_b.mean() - corr_a.mean())
+    unpaired = bootstrap_difference((conf_a, corr_a), (conf_b, corr_b), paired=False, n_boot=1000, seed=0)
+    width = {
+        p: r["accuracy"]["ci95"][1] - r["accuracy"]["ci95"][0] for p, r in (("p", paired), ("u", unpaired))
+    }
+    assert width["p"] < width["u"]
+    with pytest.raises(ValueError, match="same items"):
+        bootstrap_difference((conf_a, corr_a), (conf_a[:5], corr_a[:5]), paired=True)
