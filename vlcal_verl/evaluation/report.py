@@ -8,6 +8,12 @@ is gets no credit for it) and the parse rate is reported; the same metrics over 
 (``parsed_only``) stand beside. Calibration metrics use *answerable* records; records with
 ``unanswerable: true`` (image removed) only enter the confidence gap
 ``mean Φ(answerable) − mean Φ(unanswerable)`` and their own summary block.
+
+Every block counts the generations cut at the token limit (``n_truncated``; records carry
+``truncated``: true / false / null when unknown) and splits the unparsed ones into
+``unparsed_truncated`` (cut off before the confidences) and ``unparsed_malformed`` (ended but not in the
+protocol's layout; ``unparsed_unknown`` when truncation is unknown). ``ci95`` holds percentile
+bootstrap intervals of ACC, AUROC, ECE, Brier and AURC (:func:`vlcal_verl.metrics.bootstrap_ci`).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from vlcal_verl.metrics import calibration_metrics, plot_reliability, plot_risk_coverage
+from vlcal_verl.metrics import bootstrap_ci, calibration_metrics, plot_reliability, plot_risk_coverage
 
 TABLE_COLUMNS = (
     ("n", "n", "{:d}"),
@@ -32,10 +38,24 @@ TABLE_COLUMNS = (
     ("brier", "Brier", "{:.3f}"),
     ("aurc", "AURC", "{:.3f}"),
     ("parse_rate", "parse", "{:.3f}"),
+    ("n_truncated", "trunc", "{:d}"),
     ("mean_vision_confidence", "c_v", "{:.3f}"),
     ("mean_reasoning_confidence", "c_r", "{:.3f}"),
 )
 REQUIRED_KEYS = ("confidence", "correct")
+CI_COLUMNS = (("accuracy", "ACC"), ("auroc", "AUROC"), ("ece", "ECE"), ("brier", "Brier"), ("aurc", "AURC"))
+
+
+def truncation_counts(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """``n_truncated`` and the unparsed records split by cause: ``unparsed_truncated`` (hit the token
+    limit), ``unparsed_malformed`` (ended, yet not parseable), ``unparsed_unknown`` (truncation unknown)."""
+    unparsed = [r for r in records if not _parsed(r)]
+    return {
+        "n_truncated": sum(r.get("truncated") is True for r in records),
+        "unparsed_truncated": sum(r.get("truncated") is True for r in unparsed),
+        "unparsed_malformed": sum(r.get("truncated") is False for r in unparsed),
+        "unparsed_unknown": sum(r.get("truncated") is None for r in unparsed),
+    }
 
 
 def _check_records(records: Sequence[Mapping[str, Any]]) -> None:
@@ -62,8 +82,10 @@ def _parsed(r: Mapping[str, Any]) -> bool:
     return bool(r.get("parse_ok", r["confidence"] is not None)) and r["confidence"] is not None
 
 
-def group_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """Metrics of one group of answerable records; None for an empty group.
+def group_metrics(
+    records: Sequence[Mapping[str, Any]], n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any] | None:
+    """Metrics of one group of answerable records; None for an empty group. ``n_boot`` 0: no ``ci95``.
 
     >>> m = group_metrics([{"confidence": 0.9, "correct": True}, {"confidence": None, "correct": False}])
     >>> m["accuracy"], m["parse_rate"], m["brier"]
@@ -75,6 +97,9 @@ def group_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None
     correct = [bool(r["correct"]) for r in records]
     parsed = [_parsed(r) for r in records]
     out = calibration_metrics(conf, correct, parsed=parsed)
+    out.update(truncation_counts(records))
+    if n_boot:
+        out["ci95"] = bootstrap_ci(conf, correct, n_boot=n_boot, seed=seed)
     out["mean_vision_confidence"] = _mean([r.get("vision_confidence") for r in records])
     out["mean_reasoning_confidence"] = _mean([r.get("reasoning_confidence") for r in records])
     ok = [r for r, p in zip(records, parsed, strict=True) if p]
@@ -94,6 +119,7 @@ def unanswerable_block(records: Sequence[Mapping[str, Any]]) -> dict[str, Any] |
         "mean_vision_confidence": _mean([r.get("vision_confidence") for r in records]),
         "mean_reasoning_confidence": _mean([r.get("reasoning_confidence") for r in records]),
         "accuracy": _mean([float(bool(r["correct"])) for r in records]),
+        **truncation_counts(records),
     }
 
 
@@ -112,8 +138,11 @@ def _base_name(r: Mapping[str, Any]) -> str:
     return name.removesuffix("-unanswerable").removesuffix("_unanswerable")
 
 
-def compute_report_metrics(records: Sequence[Mapping[str, Any]], title: str = "") -> dict[str, Any]:
-    """The ``metrics.json`` content: ``overall`` and ``per_benchmark`` blocks (see module docstring)."""
+def compute_report_metrics(
+    records: Sequence[Mapping[str, Any]], title: str = "", n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """The ``metrics.json`` content: ``overall`` and ``per_benchmark`` blocks (see module docstring);
+    ``bootstrap`` says how ``ci95`` was drawn (``n_boot`` 0: no intervals)."""
     _check_records(records)
     answerable = [r for r in records if not r.get("unanswerable", False)]
     blank = [r for r in records if r.get("unanswerable", False)]
@@ -121,10 +150,11 @@ def compute_report_metrics(records: Sequence[Mapping[str, Any]], title: str = ""
     for name in sorted({_base_name(r) for r in records}):
         a = [r for r in answerable if _base_name(r) == name]
         b = [r for r in blank if _base_name(r) == name]
-        block = _with_gap(group_metrics(a), unanswerable_block(b))
+        block = _with_gap(group_metrics(a, n_boot, seed), unanswerable_block(b))
         per[name] = block if block is not None else {"n": 0, "unanswerable": unanswerable_block(b)}
-    overall = _with_gap(group_metrics(answerable), unanswerable_block(blank))
-    return {"title": title, "overall": overall, "per_benchmark": per}
+    overall = _with_gap(group_metrics(answerable, n_boot, seed), unanswerable_block(blank))
+    boot = {"n_boot": n_boot, "seed": seed, "level": 0.95, "method": "percentile, items resampled"}
+    return {"title": title, "overall": overall, "per_benchmark": per, "bootstrap": boot if n_boot else None}
 
 
 def visual_agreement(records: Sequence[Mapping[str, Any]], judgments: Mapping[str, float]) -> dict[str, Any]:
@@ -185,6 +215,45 @@ def markdown_table(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def ci_table(metrics: Mapping[str, Any]) -> str:
+    """Point value and 95% bootstrap interval of ACC, AUROC, ECE, Brier, AURC per benchmark; "" when
+    the report has no intervals."""
+    rows = [*metrics["per_benchmark"].items(), ("**overall**", metrics["overall"])]
+    rows = [(name, m) for name, m in rows if m and m.get("n") and m.get("ci95")]
+    if not rows:
+        return ""
+    boot = metrics.get("bootstrap") or {}
+    lines = [
+        f"95% bootstrap intervals ({boot.get('n_boot')} resamples of the items, seed {boot.get('seed')}; "
+        "unparsed confidence = 0):",
+        "",
+        "| benchmark | " + " | ".join(label for _, label in CI_COLUMNS) + " |",
+        "|---|" + "---:|" * len(CI_COLUMNS),
+    ]
+    for name, m in rows:
+        cells = []
+        for key, _ in CI_COLUMNS:
+            ci = m["ci95"].get(key)
+            interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+            cells.append(_fmt(m.get(key), "{:.3f}") + interval)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def truncation_note(metrics: Mapping[str, Any]) -> str:
+    """One line: how many generations hit the token limit, and why the unparsed ones are unparsed."""
+    o = metrics.get("overall") or {}
+    if not o.get("n"):
+        return ""
+    parts = [
+        f"{o['n_truncated']} of {o['n']} answerable generations hit the token limit (`trunc`)",
+        f"unparsed: {o['unparsed_truncated']} cut off, {o['unparsed_malformed']} malformed",
+    ]
+    if o.get("unparsed_unknown"):
+        parts.append(f"{o['unparsed_unknown']} of unknown cause (no `truncated` field)")
+    return "; ".join(parts) + "."
+
+
 def _plots(records: Sequence[Mapping[str, Any]], out_dir: Path, title: str) -> list[Path]:
     answerable = [r for r in records if not r.get("unanswerable", False)]
     if not answerable:
@@ -233,20 +302,25 @@ def write_report(
     out_dir: str | Path,
     title: str = "vlcal evaluation",
     judgments: Mapping[str, float] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Write ``metrics.json``, ``report.md``, ``report.html`` and PNGs to ``out_dir``; return the metrics.
 
     ``records``: dicts with ``confidence`` (Φ in [0, 1] or None = unparsed), ``correct``, and optionally
     ``benchmark``, ``parse_ok``, ``vision_confidence``, ``reasoning_confidence``, ``unanswerable``,
-    ``uid``, ``s_vis``. ``judgments`` (uid → 0/1) adds the S̃_vis agreement block.
+    ``uid``, ``s_vis``, ``truncated``. ``judgments`` (uid → 0/1) adds the S̃_vis agreement block;
+    ``n_boot`` bootstrap resamples (seeded by ``seed``) give the ``ci95`` intervals (0: none).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = compute_report_metrics(records, title)
+    metrics = compute_report_metrics(records, title, n_boot=n_boot, seed=seed)
     if judgments is not None:
         metrics["visual_agreement"] = visual_agreement(records, judgments)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    table = markdown_table(metrics)
+    table = "\n\n".join(
+        part for part in (markdown_table(metrics), truncation_note(metrics), ci_table(metrics)) if part
+    )
     pngs = _plots(records, out, title)
     md = [f"# {title}", "", table, ""]
     md += [f"![{p.stem}]({p.name})" for p in pngs]
