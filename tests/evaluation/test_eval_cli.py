@@ -133,3 +133,246 @@ def test_load_bench_items_round_trip(tmp_path):
     items = load_bench_items(tmp_path / "x.parquet", limit=2)
     assert len(items) == 2 and items[0].unanswerable and items[0].images[0].size == (64, 64)
     assert "\\boxed" not in items[0].question  # the bare question; instructions are added at generation
+
+
+# ----------------------------------------------------------------------------- mistakes: one line, exit 2
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading or running a model fails the test: a mistake must be caught before that."""
+    from vlcal_verl.evaluation import generate
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the mistake was reported")
+
+    monkeypatch.setattr(generate, "load_hf_model", boom)
+    monkeypatch.setattr(generate, "generate_hf", boom)
+
+
+def _one_line_error(capsys, *needles):
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("vlcal eval: "), err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def test_missing_model_path_is_one_line(tmp_path, capsys, no_model):
+    out = tmp_path / "o"
+    assert main(["eval", "--model", "/no/such/model", "--out", str(out)]) == 2
+    _one_line_error(capsys, "/no/such/model", "no such path", "vlcal export")
+    assert not out.exists()
+
+
+def test_verl_checkpoint_as_model_points_to_export(tmp_path, capsys, no_model):
+    (tmp_path / "ckpt" / "global_step_2" / "actor").mkdir(parents=True)
+    assert main(["eval", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o")]) == 2
+    _one_line_error(capsys, "no config.json", "vlcal export")
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--judgments", "MISSING.json"], "--judgments"),
+        (["--recipe", "MISSING.yaml"], "--recipe"),
+        (["--data-dir", "MISSING", "--bench", "x"], "--data-dir"),
+        (["--backend", "vllm", "--vce"], "--vce needs --backend hf"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+    ],
+)
+def test_bad_inputs_are_reported_before_generating(tmp_path, capsys, no_model, extra, needle):
+    extra = [str(tmp_path / e) if e.startswith("MISSING") else e for e in extra]
+    out = tmp_path / "o"
+    assert main(["eval", "--model", "tiny:qwen3-vl", "--out", str(out), *extra]) == 2
+    _one_line_error(capsys, needle)
+    assert not out.exists()  # nothing half-written
+
+
+def test_bad_judgments_content_and_out_mistakes(tmp_path, capsys):
+    gens = _gens(tmp_path / "g.jsonl")
+    bad = tmp_path / "j.json"
+    bad.write_text("[1, 2]")
+    assert (
+        main(["eval", "--generations", str(gens), "--out", str(tmp_path / "o"), "--judgments", str(bad)]) == 2
+    )
+    _one_line_error(capsys, "{uid: 0 or 1}")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert main(["eval", "--generations", str(gens), "--out", str(a_file)]) == 2
+    _one_line_error(capsys, "not a folder")
+    (tmp_path / "same").mkdir()
+    same = tmp_path / "same" / "generations.jsonl"
+    same.write_text(gens.read_text())
+    assert main(["eval", "--generations", str(same), "--out", str(tmp_path / "same")]) == 2
+    _one_line_error(capsys, "would overwrite the input")
+    assert main(["eval", "--generations", str(gens)]) == 2
+    _one_line_error(capsys, "--out is required")
+    assert main(["eval", "--model", "tiny:nope", "--out", str(tmp_path / "o")]) == 2
+    _one_line_error(capsys, "tiny:qwen3-vl")
+
+
+# ----------------------------------------------------------------------------- generation plumbing (fake model)
+
+TRUNCATED = "<think><vision>a red circle</vision><reasoning>so"  # cut at the token limit
+
+
+@pytest.fixture
+def fake_model(monkeypatch):
+    """load_hf_model / generate_hf stand-ins: the first item answers well, the second is cut off at the
+    limit, the third ends malformed; records the settings generate_hf got."""
+    from vlcal_verl.evaluation import generate
+
+    seen = {}
+
+    def fake_generate(model, processor, items, settings):
+        seen["settings"], seen["n"] = settings, len(items)
+        pattern = [(GOOD, 30, False), (TRUNCATED, settings.max_new_tokens, True), ("no idea", 4, False)]
+        return [generate.Generation(*pattern[i % 3]) for i in range(len(items))]
+
+    monkeypatch.setattr(generate, "load_hf_model", lambda name: (None, None))
+    monkeypatch.setattr(generate, "generate_hf", fake_generate)
+    return seen
+
+
+def _hf_folder(tmp_path):
+    model = tmp_path / "hf"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    return model
+
+
+def test_max_new_tokens_defaults(tmp_path, fake_model):
+    from pathlib import Path
+
+    import vlcal_verl
+
+    recipe = Path(vlcal_verl.__file__).parents[1] / "recipes" / "tiny_cpu.yaml"
+    base = ["eval", "--bench", "easy-vqa", "--limit", "3", "--n-boot", "0"]
+    assert main([*base, "--model", str(_hf_folder(tmp_path)), "--out", str(tmp_path / "a")]) == 0
+    assert fake_model["settings"].max_new_tokens == 4096  # a real model: the recipes' response length
+    assert (
+        main([*base, "--model", "tiny:qwen3-vl", "--out", str(tmp_path / "b"), "--recipe", str(recipe)]) == 0
+    )
+    assert fake_model["settings"].max_new_tokens == 96  # tiny_cpu.yaml's data.max_response_length
+    assert main([*base, "--model", "tiny:qwen3-vl", "--out", str(tmp_path / "c")]) == 0
+    assert fake_model["settings"].max_new_tokens == 48
+    assert main([*base, "--model", "tiny:qwen3-vl", "--out", str(tmp_path / "d"), "--top-k", "7"]) == 0
+    assert fake_model["settings"].top_k == 7 and fake_model["settings"].max_new_tokens == 48
+
+
+def test_records_truncation_counts_and_intervals(tmp_path, fake_model):
+    from vlcal_verl.evaluation.generate import RECORD_KEYS
+
+    out = tmp_path / "rep"
+    args = ["eval", "--model", "tiny:qwen3-vl", "--bench", "easy-vqa,easy-vqa-unanswerable", "--limit", "6"]
+    assert main([*args, "--max-new-tokens", "20", "--out", str(out)]) == 0
+    recs = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(recs) == 12 and fake_model["n"] == 12  # one generate call for all benchmarks
+    for r in recs:
+        assert set(RECORD_KEYS) <= set(r)
+    assert [(r["truncated"], r["n_tokens"], r["parse_ok"]) for r in recs[:3]] == [
+        (False, 30, True),
+        (True, 20, False),
+        (False, 4, False),
+    ]
+    assert recs[0]["answer"] == "yes" and recs[0]["confidence"] == pytest.approx(2 * 0.8 * 0.9 / 1.7)
+    assert recs[1]["failure"] and recs[2]["failure"] and recs[0]["s_vis"] is None
+    m = json.loads((out / "metrics.json").read_text())
+    for block in (m["overall"], m["per_benchmark"]["easy-vqa"]):  # 6 answerable: 2 of each pattern
+        assert (block["n"], block["n_truncated"]) == (6, 2)
+        assert (block["unparsed_truncated"], block["unparsed_malformed"], block["unparsed_unknown"]) == (
+            2,
+            2,
+            0,
+        )
+        assert set(block["ci95"]) == {"accuracy", "auroc", "ece", "brier", "aurc"}
+        for key, (low, high) in ((k, v) for k, v in block["ci95"].items() if v):
+            assert low <= block[key] <= high, key
+    assert m["overall"]["unanswerable"]["n_truncated"] == 2
+    assert m["bootstrap"]["n_boot"] == 1000
+    md = (out / "report.md").read_text()
+    assert "| trunc |" in md.split("\n")[2]  # the main table's header has the truncation column
+    assert "2 of 6 answerable generations hit the token limit" in md and "2 cut off, 2 malformed" in md
+    assert "95% bootstrap intervals" in md and "95% bootstrap intervals" in (out / "report.html").read_text()
+    # the report's own generations.jsonl scores again to the same numbers
+    again = tmp_path / "again"
+    assert main(["eval", "--generations", str(out / "generations.jsonl"), "--out", str(again)]) == 0
+    m2 = json.loads((again / "metrics.json").read_text())
+    assert m2["overall"] == m["overall"]
+
+
+def test_generations_without_truncation_info_count_unknown(tmp_path):
+    out = tmp_path / "rep"
+    assert main(["eval", "--generations", str(_gens(tmp_path / "g.jsonl")), "--out", str(out)]) == 0
+    o = json.loads((out / "metrics.json").read_text())["overall"]
+    assert (o["n_truncated"], o["unparsed_unknown"], o["unparsed_malformed"]) == (0, 1, 0)
+    assert (out / "generations.jsonl").read_text().count("\n") == 4  # per-item records in this mode too
+
+
+# ----------------------------------------------------------------------------- compare and aggregate
+
+
+def _report(tmp_path, name, rows):
+    g = tmp_path / f"{name}.jsonl"
+    g.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["eval", "--generations", str(g), "--out", str(tmp_path / name), "--n-boot", "200"]) == 0
+    return tmp_path / name
+
+
+def _rows(correct_mask, uid_prefix=""):
+    bad = GOOD.replace("8</vision_confidence>", "3</vision_confidence>")
+    return [
+        {
+            "benchmark": "b",
+            "uid": f"{uid_prefix}{i}",
+            "response": GOOD if i % 3 else bad,
+            "ground_truth": "yes" if c else "no",
+            "answer_kind": "yes_no",
+        }
+        for i, c in enumerate(correct_mask)
+    ]
+
+
+def test_compare_paired_by_uid_and_unpaired_otherwise(tmp_path, capsys):
+    a = _report(tmp_path, "A", _rows([1, 0, 1, 1, 0, 1, 0, 1, 1, 0]))
+    b = _report(
+        tmp_path, "B", list(reversed(_rows([1, 1, 1, 1, 0, 1, 1, 1, 1, 0])))
+    )  # same uids, other order
+    c = _report(tmp_path, "C", _rows([1, 1, 1, 1, 0, 1, 1, 1, 1, 0], uid_prefix="x"))
+    capsys.readouterr()
+    assert main(["eval", "--compare", str(a), str(b), "--out", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    ma, mb = (json.loads((d / "metrics.json").read_text())["overall"] for d in (a, b))
+    g = res["groups"]["overall"]
+    assert g["paired"] and res["groups"]["b"]["paired"]
+    for key in ("accuracy", "ece", "brier", "aurc", "auroc"):
+        assert g["metrics"][key]["diff"] == pytest.approx(mb[key] - ma[key]), key
+    # two items flip from wrong to right, nothing else changes: every paired draw's ACC gain is ≥ 0
+    low, high = g["metrics"]["accuracy"]["ci95"]
+    assert low == 0.0 and 0.2 <= high <= 0.5  # draw gain = (copies of the 2 flipped items) / 10
+    assert "paired by uid" in printed and "| overall | accuracy |" in printed
+    assert main(["eval", "--compare", str(a), str(c), "--out", str(tmp_path / "cmp2")]) == 0
+    assert "unpaired (items differ)" in capsys.readouterr().out
+    unpaired = json.loads((tmp_path / "cmp2" / "compare.json").read_text())["groups"]["overall"]
+    assert not unpaired["paired"] and unpaired["metrics"]["accuracy"]["ci95"][0] < 0  # wider: A, B apart
+    assert main(["eval", "--compare", str(a), str(tmp_path / "nope")]) == 2
+    _one_line_error(capsys, "no such report folder")
+
+
+def test_aggregate_mean_and_std_over_runs(tmp_path, capsys):
+    import numpy as np
+
+    runs = [
+        _report(tmp_path, f"s{i}", _rows(mask))
+        for i, mask in enumerate([[1, 0, 1, 1], [1, 1, 1, 0], [0, 0, 1, 1]])
+    ]
+    assert main(["eval", "--aggregate", *map(str, runs), "--out", str(tmp_path / "agg")]) == 0
+    res = json.loads((tmp_path / "agg" / "aggregate.json").read_text())
+    accs = [json.loads((r / "metrics.json").read_text())["overall"]["accuracy"] for r in runs]
+    assert res["groups"]["overall"]["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    assert res["groups"]["overall"]["accuracy"]["std"] == pytest.approx(np.std(accs, ddof=1))
+    assert "mean ± std" in capsys.readouterr().out
+    assert main(["eval", "--aggregate", str(runs[0])]) == 2
+    _one_line_error(capsys, "at least two")

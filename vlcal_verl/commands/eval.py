@@ -1,27 +1,40 @@
 """``vlcal eval``: generate on benchmarks (or take existing generations), score, write the report.
 
     vlcal eval --model tiny:qwen3-vl --bench easy-vqa,easy-vqa-unanswerable --limit 200 --out DIR
-    vlcal eval --model /ckpt/hf --backend vllm --bench easy-vqa --out DIR
+    vlcal eval --model /ckpt/hf --backend vllm --dp 8 --bench all --data-dir data/bench --out DIR
+    vlcal eval --model /ckpt/hf --vce --recipe recipes/qwen3_vl_4b.yaml --bench all --out DIR
     vlcal eval --generations gens.jsonl --out DIR [--judgments judgments.json]
+    vlcal eval --compare REPORT_A REPORT_B          # B − A with paired-bootstrap intervals
+    vlcal eval --aggregate RUN1 RUN2 RUN3           # mean ± std over seeds
 
 Offline benchmarks: ``easy-vqa`` and ``easy-vqa-unanswerable`` (test split of the easy-vqa package).
+
+Every user mistake (a missing path, a bad option combination) is one line on stderr and exit 2,
+before anything is generated or written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 BENCHES = {
     "easy-vqa": {"unanswerable": False},
     "easy-vqa-unanswerable": {"unanswerable": True},
 }
+TINY_FAMILIES = ("qwen3-vl", "qwen2.5-vl")
 
-
-DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_MAX_NEW_TOKENS = 4096  # the recipes' data.max_response_length: evaluate at the length trained at
 TINY_MAX_NEW_TOKENS = 48
+
+
+class UsageError(Exception):
+    """A mistake in the command line: reported as one line, exit 2, before any work."""
 
 
 def default_max_new_tokens(model: str) -> int:
@@ -31,9 +44,19 @@ def default_max_new_tokens(model: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="checkpoint path / hub id, or tiny:qwen3-vl | tiny:qwen2.5-vl")
+    src.add_argument("--model", help="HF model folder (e.g. `vlcal export` output), hub id, or tiny:qwen3-vl")
     src.add_argument(
-        "--generations", type=Path, help="JSONL with response, ground_truth[, benchmark, uid, ...]"
+        "--generations", type=Path, help="JSONL with response, ground_truth[, benchmark, uid, truncated, ...]"
+    )
+    src.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("A", "B"),
+        help="two report folders: per-metric B − A with bootstrap intervals (paired when uids match)",
+    )
+    src.add_argument(
+        "--aggregate", nargs="+", type=Path, metavar="RUN", help="report folders of one model: mean ± std"
     )
     p.add_argument(
         "--bench",
@@ -44,22 +67,212 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--data-dir", type=Path, default=None, help="folder of `vlcal data bench` outputs (NAME.parquet)"
     )
     p.add_argument("--limit", type=int, default=None, help="items per benchmark")
-    p.add_argument("--out", type=Path, required=True, help="report folder")
+    p.add_argument("--out", type=Path, help="report folder (required except with --compare/--aggregate)")
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf")
+    p.add_argument(
+        "--recipe",
+        type=Path,
+        help="training recipe: --max-new-tokens defaults to its data.max_response_length, --vce to its vlcal.vce",
+    )
     p.add_argument(
         "--max-new-tokens",
         type=int,
         default=None,
-        help=f"default {DEFAULT_MAX_NEW_TOKENS}; {TINY_MAX_NEW_TOKENS} for tiny:* models (random weights never stop)",
+        help=f"default: the --recipe's data.max_response_length, else {DEFAULT_MAX_NEW_TOKENS} "
+        f"(the recipes' response length); {TINY_MAX_NEW_TOKENS} for tiny:* models",
     )
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
+    p.add_argument("--batch-size", type=int, default=16, help="HF backend: prompts per generate call")
     p.add_argument("--protocol", choices=("decoupled", "rlcr"), default="decoupled")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling, VCE masks and bootstrap draws")
     p.add_argument(
         "--judgments", type=Path, help="JSON {uid: 0|1} external visual judgments (S̃_vis agreement)"
     )
+    p.add_argument(
+        "--vce",
+        action="store_true",
+        help="HF backend: each item's K̄, H̄, S̃_vis with training's VCE code (masked-image forward)",
+    )
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    g = p.add_argument_group("vLLM (--backend vllm)")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per engine")
+    g.add_argument("--dp", type=int, default=1, help="engines, one per GPU group; items sharded between them")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--max-model-len", type=int, default=None, help="prompt + response tokens (vLLM default)")
+    g.add_argument("--max-num-seqs", type=int, default=None, help="sequences per engine step (vLLM default)")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is ``owner/name``; a leading ``/ . ~`` or more than one ``/`` means a local path."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _check_model(name: str) -> None:
+    if name.startswith("tiny:"):
+        if name.removeprefix("tiny:") not in TINY_FAMILIES:
+            raise UsageError(
+                f"--model {name}: unknown tiny model; use one of tiny:{', tiny:'.join(TINY_FAMILIES)}"
+            )
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            ckpt = path.is_dir() and (
+                (path / "fsdp_config.json").exists()
+                or (path / "actor").is_dir()
+                or any(path.glob("global_step_*"))
+            )
+            hint = "; a verl checkpoint: convert it with `vlcal export CKPT_DIR OUT_DIR`" if ckpt else ""
+            raise UsageError(f"--model {name}: not a Hugging Face model folder (no config.json){hint}")
+    elif _looks_like_path(name):
+        raise UsageError(
+            f"--model {name}: no such path (give a model folder, e.g. the output of `vlcal export`, "
+            "a hub id owner/name, or tiny:qwen3-vl)"
+        )
+
+
+def _check_out(out: Path | None, inputs: list[Path], required: bool = True) -> None:
+    if out is None:
+        if required:
+            raise UsageError("--out is required: the report folder to write")
+        return
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    anchor = out.absolute()
+    while not anchor.exists():
+        anchor = anchor.parent
+    if not anchor.is_dir() or not os.access(anchor, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot create or write in {anchor}")
+    for p in inputs:
+        if (out / "generations.jsonl").absolute().resolve() == p.absolute().resolve():
+            raise UsageError(f"--out {out}: would overwrite the input {p}; choose another --out")
+
+
+def _check_file(flag: str, path: Path) -> None:
+    if not path.is_file():
+        raise UsageError(f"{flag} {path}: no such file")
+
+
+def _read_judgments(path: Path) -> dict[str, float]:
+    _check_file("--judgments", path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"--judgments {path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, int | float) for v in data.values()):
+        raise UsageError(f"--judgments {path}: must be a JSON object {{uid: 0 or 1}} (see `vlcal judge`)")
+    return {str(k): float(v) for k, v in data.items()}
+
+
+def _bench_names(args: argparse.Namespace) -> list[str]:
+    names = [b.strip() for b in args.bench.split(",") if b.strip()]
+    data_dir = args.data_dir or Path(".")
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        raise UsageError(f"--data-dir {args.data_dir}: no such folder")
+    if names == ["all"]:  # every prepared benchmark in --data-dir
+        names = sorted(p.stem for p in data_dir.glob("*.parquet"))
+        if not names:
+            raise UsageError(
+                f"--bench all: no NAME.parquet in {data_dir} (run `vlcal data bench NAME --out DIR`)"
+            )
+    if not names:
+        raise UsageError("--bench: no benchmark named")
+    missing = [b for b in names if b not in BENCHES and not (data_dir / f"{b}.parquet").exists()]
+    if missing:
+        raise UsageError(
+            f"--bench: {missing} not offline ({sorted(BENCHES)}) and no {data_dir}/NAME.parquet; "
+            "prepare with `vlcal data bench NAME --out DIR` and pass --data-dir DIR"
+        )
+    return names
+
+
+def _recipe(path: Path) -> Any:
+    _check_file("--recipe", path)
+    from vlcal_verl.main import compose_recipe
+
+    try:
+        return compose_recipe(path)
+    except Exception as err:  # Hydra/OmegaConf errors: the file is the user's
+        raise UsageError(
+            f"--recipe {path}: cannot compose it ({type(err).__name__}: {err})".split("\n")[0]
+        ) from None
+
+
+def _vce_config(recipe: Any, seed: int) -> Any:
+    from vlcal_verl.config import VCEConfig
+
+    if recipe is None:
+        return VCEConfig(seed=seed)
+    from vlcal_verl.main import vlcal_config
+
+    return vlcal_config(recipe).vce
+
+
+def _check_vllm(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    from vlcal_verl.evaluation.generate import gpu_groups
+
+    for flag, v in (("--tp", args.tp), ("--dp", args.dp)):
+        if v < 1:
+            raise UsageError(f"{flag} must be >= 1, got {v}")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise UsageError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+    if args.vce:
+        raise UsageError("--vce needs --backend hf (it reruns the model on the generated tokens)")
+    if importlib.util.find_spec("vllm") is None:
+        raise UsageError(
+            "--backend vllm needs vLLM (GPU): pip install -e '.[gpu]'; use --backend hf on a CPU"
+        )
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        import torch
+
+        visible = ",".join(str(i) for i in range(torch.cuda.device_count()))
+    try:
+        gpu_groups(args.dp, args.tp, visible)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def _validate(args: argparse.Namespace) -> dict[str, Any]:
+    """Every check that needs no model: paths, option combinations. Returns what generation needs."""
+    plan: dict[str, Any] = {"judgments": None, "recipe": None}
+    if args.judgments is not None:
+        plan["judgments"] = _read_judgments(args.judgments)
+    if args.generations is not None:
+        _check_file("--generations", args.generations)
+        if args.vce:
+            raise UsageError("--vce needs --model (it reruns the model on the generated tokens)")
+        _check_out(args.out, [args.generations])
+        return plan
+    _check_model(args.model)
+    _check_out(args.out, [])
+    for flag, v in (("--max-new-tokens", args.max_new_tokens), ("--limit", args.limit)):
+        if v is not None and v < 1:
+            raise UsageError(f"{flag} must be >= 1, got {v}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.backend == "vllm":
+        _check_vllm(args)
+    plan["names"] = _bench_names(args)
+    if args.recipe is not None:
+        plan["recipe"] = _recipe(args.recipe)
+    if args.max_new_tokens is not None:
+        plan["max_new_tokens"] = args.max_new_tokens
+    elif plan["recipe"] is not None:
+        plan["max_new_tokens"] = int(plan["recipe"].data.max_response_length)
+    else:
+        plan["max_new_tokens"] = default_max_new_tokens(args.model)
+    return plan
+
+
+# ----------------------------------------------------------------------------- generation
 
 
 def _read_generations(path: Path) -> list[dict]:
@@ -71,92 +284,294 @@ def _read_generations(path: Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+                raise UsageError(f"{path}:{n}: not valid JSON ({err.msg})") from None
             for key in ("response", "ground_truth"):
                 if not isinstance(row, dict) or not isinstance(row.get(key), str):
-                    raise ValueError(f"{path}:{n}: field {key!r} missing or not a string")
+                    raise UsageError(f"{path}:{n}: field {key!r} missing or not a string")
             rows.append(row)
+    if not rows:
+        raise UsageError(f"--generations {path}: no rows")
     return rows
 
 
-def _generate(args: argparse.Namespace) -> list[dict]:
+def load_items(
+    names: list[str], data_dir: Path | None, limit: int | None, seed: int
+) -> list[tuple[str, Any]]:
+    """(benchmark name, item) for every item of every benchmark, in order."""
     from vlcal_verl.data.easy_vqa import load_easy_vqa
+    from vlcal_verl.evaluation.generate import load_bench_items
+
+    out = []
+    for name in names:
+        if name in BENCHES:
+            items = load_easy_vqa("test", limit=limit, seed=seed, **BENCHES[name])
+        else:
+            items = load_bench_items((data_dir or Path(".")) / f"{name}.parquet", limit=limit)
+        out.extend((name, it) for it in items)
+    return out
+
+
+def _generate(args: argparse.Namespace, plan: dict[str, Any], named: list[tuple[str, Any]]) -> list[dict]:
     from vlcal_verl.evaluation.generate import (
         GenerationSettings,
+        VLLMOptions,
         generate_hf,
         generate_vllm,
-        load_bench_items,
         load_hf_model,
     )
 
-    names = [b.strip() for b in args.bench.split(",") if b.strip()]
-    data_dir = args.data_dir or Path(".")
-    if names == ["all"]:  # every prepared benchmark in --data-dir
-        names = sorted(p.stem for p in data_dir.glob("*.parquet"))
-        if not names:
-            raise ValueError(
-                f"--bench all: no NAME.parquet in {data_dir} (run `vlcal data bench NAME --out DIR`)"
-            )
-    missing = [b for b in names if b not in BENCHES and not (data_dir / f"{b}.parquet").exists()]
-    if missing:
-        raise ValueError(
-            f"--bench: {missing} not offline ({sorted(BENCHES)}) and no {data_dir}/NAME.parquet; "
-            "prepare with `vlcal data bench NAME --out DIR` and pass --data-dir DIR"
-        )
     settings = GenerationSettings(
-        max_new_tokens=args.max_new_tokens or default_max_new_tokens(args.model),
+        max_new_tokens=plan["max_new_tokens"],
         temperature=args.temperature,
         top_p=args.top_p,
+        top_k=args.top_k,
         batch_size=args.batch_size,
         seed=args.seed,
         protocol=args.protocol,
     )
-    model = processor = None
+    items = [it for _, it in named]
+    vce = None
     if args.backend == "hf":
         model, processor = load_hf_model(args.model)
-    rows: list[dict] = []
-    for name in names:
-        if name in BENCHES:
-            items = load_easy_vqa("test", limit=args.limit, seed=args.seed, **BENCHES[name])
-        else:
-            items = load_bench_items(data_dir / f"{name}.parquet", limit=args.limit)
-        if args.backend == "hf":
-            texts = generate_hf(model, processor, items, settings)
-        else:
-            texts = generate_vllm(args.model, items, settings)
-        for it, text in zip(items, texts, strict=True):
-            rows.append(
-                {
-                    "benchmark": name,
-                    "uid": it.uid,
-                    "question": it.question,
-                    "ground_truth": it.answer,
-                    "answer_kind": it.kind,
-                    "unanswerable": getattr(it, "unanswerable", it.data_source.endswith("-unanswerable")),
-                    "response": text,
-                }
+        gens = generate_hf(model, processor, items, settings)
+        if args.vce:
+            from vlcal_verl.evaluation.vce_eval import normalize_per_group, vce_scores
+
+            vce = vce_scores(
+                model,
+                processor,
+                items,
+                [g.token_ids for g in gens],
+                protocol=args.protocol,
+                cfg=_vce_config(plan["recipe"], args.seed),
+                batch_size=args.batch_size,
             )
+            s_vis = normalize_per_group([v["s"] for v in vce], [name for name, _ in named])
+            for v, s in zip(vce, s_vis, strict=True):
+                v["s_vis"] = s
+    else:
+        options = VLLMOptions(
+            tp=args.tp,
+            dp=args.dp,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+        )
+        gens = generate_vllm(args.model, items, settings, options)
+    rows: list[dict] = []
+    for i, ((name, it), g) in enumerate(zip(named, gens, strict=True)):
+        rows.append(
+            {
+                "benchmark": name,
+                "uid": it.uid,
+                "question": it.question,
+                "ground_truth": it.answer,
+                "answer_kind": it.kind,
+                "unanswerable": getattr(it, "unanswerable", it.data_source.endswith("-unanswerable")),
+                "response": g.text,
+                "truncated": g.truncated,
+                "n_tokens": g.n_tokens,
+                **(vce[i] if vce is not None else {}),
+            }
+        )
     return rows
 
 
+def _write_generations(path: Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.compare or args.aggregate:
+        return _run_summary(args)
+    try:
+        plan = _validate(args)
+        if args.generations:
+            rows = _read_generations(args.generations)
+        else:
+            try:
+                named = load_items(plan["names"], args.data_dir, args.limit, args.seed)
+            except (OSError, ValueError) as err:  # a prepared file that does not read: the user's data
+                raise UsageError(f"--bench: {err}") from None
+    except UsageError as err:
+        print(f"vlcal eval: {err}", file=sys.stderr)
+        return 2
+    if not args.generations:
+        rows = _generate(args, plan, named)
+
     from vlcal_verl.evaluation.generate import score_generations
     from vlcal_verl.evaluation.report import write_report
 
-    try:
-        rows = _read_generations(args.generations) if args.generations else _generate(args)
-        judgments = json.loads(args.judgments.read_text()) if args.judgments else None
-    except (OSError, ValueError) as err:
-        print(f"vlcal eval: {err}", file=sys.stderr)
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    if not args.generations:
-        with open(args.out / "generations.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
     records = score_generations(rows, protocol=args.protocol)
+    args.out.mkdir(parents=True, exist_ok=True)
+    _write_generations(args.out / "generations.jsonl", records)
     title = f"vlcal eval — {args.model or args.generations.name}"
-    metrics = write_report(records, args.out, title=title, judgments=judgments)
+    metrics = write_report(
+        records, args.out, title=title, judgments=plan["judgments"], n_boot=args.n_boot, seed=args.seed
+    )
     print((args.out / "report.md").read_text(encoding="utf-8").split("\n![")[0])
     o = metrics["overall"] or {}
-    print(f"wrote {args.out}/metrics.json, report.md, report.html ({o.get('n', 0)} answerable items)")
+    print(
+        f"wrote {args.out}/metrics.json, report.md, report.html, generations.jsonl "
+        f"({o.get('n', 0)} answerable items)"
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------- compare / aggregate
+
+
+def _read_report(folder: Path) -> tuple[dict, list[dict]]:
+    metrics_path, gens_path = folder / "metrics.json", folder / "generations.jsonl"
+    for p in (metrics_path, gens_path):
+        if not p.is_file():
+            raise UsageError(f"{folder}: no {p.name} (give a folder written by `vlcal eval --out`)")
+    records = [
+        json.loads(line) for line in gens_path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+    if any("correct" not in r or "confidence" not in r for r in records):
+        raise UsageError(
+            f"{gens_path}: rows without 'correct'/'confidence' (an older report: re-score it with "
+            f"`vlcal eval --generations {gens_path} --out NEW`)"
+        )
+    return json.loads(metrics_path.read_text(encoding="utf-8")), records
+
+
+def _groups(records: list[dict]) -> dict[str, list[dict]]:
+    from vlcal_verl.evaluation.report import _base_name
+
+    answerable = [r for r in records if not r.get("unanswerable", False)]
+    out: dict[str, list[dict]] = {}
+    for r in answerable:
+        out.setdefault(_base_name(r), []).append(r)
+    return {**dict(sorted(out.items())), "overall": answerable}
+
+
+def _pairing(a: list[dict], b: list[dict]) -> tuple[list[dict], list[dict], bool, str]:
+    """(A, B) in a common uid order when both hold the same unique (benchmark, uid) items; else as is."""
+    key = [[(r.get("benchmark"), r.get("uid")) for r in rs] for rs in (a, b)]
+    ok = all(None not in (k[1] for k in ks) and len(set(ks)) == len(ks) for ks in key)
+    if ok and set(key[0]) == set(key[1]):
+        pos = {k: i for i, k in enumerate(key[1])}
+        return a, [b[pos[k]] for k in key[0]], True, f"paired by uid, n = {len(a)}"
+    return a, b, False, f"unpaired (items differ), n = {len(a)} / {len(b)}"
+
+
+def compare_reports(a_dir: Path, b_dir: Path, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Per benchmark and overall, each metric of B − A with a bootstrap 95% interval."""
+    from vlcal_verl.evaluation.report import _conf
+    from vlcal_verl.metrics import bootstrap_difference
+
+    ga, gb = _groups(_read_report(a_dir)[1]), _groups(_read_report(b_dir)[1])
+    out: dict[str, Any] = {"a": str(a_dir), "b": str(b_dir), "n_boot": n_boot, "seed": seed, "groups": {}}
+    for name in [n for n in ga if n in gb and ga[n] and gb[n]]:
+        ra, rb, paired, how = _pairing(ga[name], gb[name])
+        arrays = [([_conf(r) for r in rs], [bool(r["correct"]) for r in rs]) for rs in (ra, rb)]
+        diff = bootstrap_difference(arrays[0], arrays[1], paired=paired, n_boot=n_boot, seed=seed)
+        out["groups"][name] = {"paired": paired, "how": how, "metrics": diff}
+    return out
+
+
+def _f(v: Any, spec: str = "{:.3f}") -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else spec.format(v)
+
+
+def compare_table(result: dict[str, Any]) -> str:
+    lines = [
+        f"B − A: A = {result['a']}, B = {result['b']} ({result['n_boot']} bootstrap resamples, 95% interval)",
+        "",
+        "| benchmark | metric | A | B | B − A | 95% interval | items |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for name, g in result["groups"].items():
+        for metric, m in g["metrics"].items():
+            ci = m["ci95"]
+            interval = f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "–"
+            lines.append(
+                f"| {name} | {metric} | {_f(m['a'])} | {_f(m['b'])} | {_f(m['diff'], '{:+.3f}')} | "
+                f"{interval} | {g['how']} |"
+            )
+    return "\n".join(lines)
+
+
+AGGREGATE_KEYS = (
+    "accuracy",
+    "auroc",
+    "ece",
+    "brier",
+    "aurc",
+    "parse_rate",
+    "n_truncated",
+    "unanswerable_gap",
+)
+
+
+def aggregate_reports(folders: list[Path]) -> dict[str, Any]:
+    """Mean and sample std (ddof 1) of each metric over report folders (e.g. seeds of one model)."""
+    import numpy as np
+
+    reports = []
+    for folder in folders:
+        p = folder / "metrics.json"
+        if not p.is_file():
+            raise UsageError(f"{folder}: no metrics.json (give folders written by `vlcal eval --out`)")
+        reports.append(json.loads(p.read_text(encoding="utf-8")))
+    blocks = [
+        {**{k: v for k, v in r["per_benchmark"].items() if v and v.get("n")}, "overall": r["overall"]}
+        for r in reports
+    ]
+    names = [n for n in blocks[0] if all(n in b and b[n] for b in blocks)]
+    out: dict[str, Any] = {"runs": [str(f) for f in folders], "groups": {}}
+    for name in names:
+        g = {}
+        for key in AGGREGATE_KEYS:
+            vals = [b[name].get(key) for b in blocks]
+            vals = [float(v) for v in vals if v is not None]
+            g[key] = {
+                "mean": float(np.mean(vals)) if vals else None,
+                "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
+                "n_runs": len(vals),
+            }
+        out["groups"][name] = g
+    return out
+
+
+def aggregate_table(result: dict[str, Any]) -> str:
+    keys = AGGREGATE_KEYS
+    lines = [
+        f"mean ± std (sample std) over {len(result['runs'])} runs",
+        "",
+        "| benchmark | " + " | ".join(keys) + " |",
+        "|---|" + "---:|" * len(keys),
+    ]
+    for name, g in result["groups"].items():
+        cells = [f"{_f(g[k]['mean'])} ± {_f(g[k]['std'])}" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _run_summary(args: argparse.Namespace) -> int:
+    try:
+        folders = args.compare or args.aggregate
+        for f in folders:
+            if not f.is_dir():
+                raise UsageError(f"{f}: no such report folder")
+        if args.aggregate is not None and len(args.aggregate) < 2:
+            raise UsageError("--aggregate needs at least two report folders")
+        _check_out(args.out, [], required=False)
+        if args.compare:
+            result = compare_reports(*args.compare, n_boot=args.n_boot, seed=args.seed)
+            table, stem = compare_table(result), "compare"
+        else:
+            result = aggregate_reports(args.aggregate)
+            table, stem = aggregate_table(result), "aggregate"
+    except UsageError as err:
+        print(f"vlcal eval: {err}", file=sys.stderr)
+        return 2
+    print(table)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+        (args.out / f"{stem}.md").write_text(table + "\n", encoding="utf-8")
     return 0
