@@ -23,6 +23,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "the embedded demo: warm start, verl GRPO on the CPU backend, evaluation",
     ),
     "eval": ("vlcal_verl.commands.eval", "generate or score a benchmark and write a calibration report"),
+    "judge": (
+        "vlcal_verl.commands.judge",
+        "ask a vision chat endpoint whether each <vision> description fits its image (--judgments file)",
+    ),
+    "export": (
+        "vlcal_verl.commands.export",
+        "convert a verl checkpoint (global_step_N/actor) to a HF folder",
+    ),
     "data": ("vlcal_verl.commands.data", "prepare training data and benchmarks as verl parquet"),
     "serve": ("vlcal_verl.commands.serve", "run the reward server (alias of python -m reward_server)"),
 }
