@@ -20,6 +20,7 @@ from fastapi import FastAPI, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import reward_server
 from reward_server import openrlhf, schemas, visual
@@ -28,6 +29,7 @@ from reward_server.limits import (
     BodyLimitMiddleware,
     MetricsMiddleware,
     api_error_handler,
+    http_error_handler,
     internal_error_handler,
     validation_error_handler,
 )
@@ -48,7 +50,7 @@ def create_app(settings: ServerSettings | None = None) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         service.start()
-        warm = asyncio.create_task(service.warm())
+        warm = asyncio.create_task(service.warm(also=visual.warm_up))
         try:
             yield
         finally:
@@ -59,6 +61,7 @@ def create_app(settings: ServerSettings | None = None) -> Any:
     app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(Exception, internal_error_handler)
     _add_scoring_routes(app, settings, service)
     _add_ops_routes(app, settings, metrics, service)
@@ -137,10 +140,12 @@ def _add_scoring_routes(app: FastAPI, settings: ServerSettings, service: Scoring
     async def get_reward(request: schemas.OpenRLHFRequest) -> schemas.OpenRLHFResponse:
         _check_items(settings, len(request.query), "query")
         _check_responses(settings, request.query, "query", None)
-        items = openrlhf.to_items(request)
+        items, methods = openrlhf.to_items(request)
         async with service.admit(len(items)):
             results = await service.score(items, settings.reward_config())
-        return openrlhf.to_response(results)
+        for method in methods:
+            service.metrics.get_reward_splits.labels(method=method).inc()
+        return openrlhf.to_response(results, methods)
 
     @app.post("/v1/visual-labels", response_model=schemas.VisualLabelResponse)
     async def visual_labels(request: schemas.VisualLabelRequest) -> schemas.VisualLabelResponse:

@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from reward_server.metrics import ServerMetrics
 
@@ -59,6 +60,25 @@ async def api_error_handler(_: Request, err: Exception) -> JSONResponse:
 async def internal_error_handler(_: Request, err: Exception) -> JSONResponse:
     """500 as JSON (a bug, not the caller's fault: clients may retry)."""
     return error_response(500, [], f"internal error: {type(err).__name__}: {err}"[:500], "internal_error")
+
+
+async def http_error_handler(_: Request, err: Exception) -> JSONResponse:
+    """FastAPI's and Starlette's own HTTPExceptions (404, 405, a body that is valid JSON to nobody)
+    in the one error shape: their ``detail`` is a string, ours a list naming ``loc``.
+
+    FastAPI answers 400 "There was an error parsing the body" for any body parse failure that is not
+    a ``JSONDecodeError`` — e.g. ``RecursionError`` on a deeply nested array — so the cause is named.
+    """
+    assert isinstance(err, StarletteHTTPException)
+    if isinstance(err.detail, list):
+        return JSONResponse({"detail": err.detail}, status_code=err.status_code, headers=err.headers)
+    if err.status_code == 400 and err.__cause__ is not None:
+        cause = err.__cause__
+        reason = "nested too deeply" if isinstance(cause, RecursionError) else f"{type(cause).__name__}"
+        msg = f"malformed JSON: the body could not be parsed ({reason}: {cause})"[:500]
+        return error_response(400, ["body"], msg, "json_invalid", err.headers)
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+    return error_response(err.status_code, [], str(err.detail), kind, err.headers)
 
 
 async def validation_error_handler(_: Request, err: Exception) -> JSONResponse:

@@ -28,6 +28,7 @@ class ServerMetrics:
     pool_restarts: Counter
     inflight: Gauge
     rejected: Counter
+    get_reward_splits: Counter
 
     @classmethod
     def create(cls) -> ServerMetrics:
@@ -70,6 +71,12 @@ class ServerMetrics:
             rejected=Counter(
                 "vlcal_rs_overload_rejections_total",
                 "Requests answered 503 because max_inflight items were already being scored",
+                registry=registry,
+            ),
+            get_reward_splits=Counter(
+                "vlcal_rs_get_reward_splits_total",
+                "/get_reward queries by how the response was found (method=not_found: scored as empty)",
+                ["method"],
                 registry=registry,
             ),
         )

@@ -210,3 +210,6 @@ class OpenRLHFResponse(BaseModel):
     scores: list[float]
     """Answer correctness I in {0, 1} per query (OpenRLHF's dynamic filtering)."""
     extra_logs: dict[str, list[Any]]
+    split: list[str] = []
+    """Per query, how the response was found in it: prefix | prompt_suffix | assistant_marker |
+    no_prompt | not_found (scored as an empty response; see :mod:`reward_server.openrlhf`)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import psutil
@@ -66,16 +66,25 @@ class ScoringService:
         )
         self._grader.__enter__()
 
-    async def warm(self) -> None:
+    async def warm(self, also: Callable[[], None] | None = None) -> None:
         """Grade a small math item in every worker (lazy parser set-up happens here, not in the first
-        real batch); /readyz answers 200 once all came back correct."""
+        real batch) while ``also`` (e.g. the torch import of /v1/visual-labels) runs in a thread;
+        /readyz answers 200 once all grades came back correct and ``also`` returned."""
         assert self._grader is not None, "start() first"
         probes = [self._grader.submit("\\frac{1}{2}", "0.5") for _ in range(2 * self.settings.workers)]
+        side = asyncio.create_task(asyncio.to_thread(also)) if also is not None else None
         try:
             results = await asyncio.gather(*(asyncio.wrap_future(f) for f in probes))
         except Exception as err:
             self._warm_error = f"warm-up grade raised {type(err).__name__}: {err}"
             return
+        if side is not None:
+            try:
+                await side
+            except Exception as err:
+                name = getattr(also, "__qualname__", repr(also))
+                self._warm_error = f"warm-up of {name} raised {type(err).__name__}: {err}"
+                return
         wrong = [r for r in results if not r.correct]
         if wrong:
             self._warm_error = f"warm-up grade of '\\frac{{1}}{{2}}' vs '0.5' came back {wrong[0]}"
@@ -85,7 +94,7 @@ class ScoringService:
         self._watch = asyncio.create_task(self._watch_workers())
 
     def not_ready_reason(self) -> str:
-        return self._warm_error or "grading pool warming up"
+        return self._warm_error or "warming up (grading pool, torch)"
 
     def close(self) -> None:
         self.ready = False

@@ -7,8 +7,9 @@ S̃ is a property of the *batch*, so one request must carry the whole (global) r
 
 The arithmetic is VCE's own (:func:`vlcal_verl.vce.visual_certainty` and
 :func:`vlcal_verl.vce.normalize_visual_certainty`): K̄/H̄ inputs are laid out as one-token spans, so
-both input forms go through the same code path as training. torch is imported on first use, after the
-grading pool has forked.
+both input forms go through the same code path as training. torch is imported by :func:`warm_up`
+during the server's start-up (after the grading pool's forkserver is running, before ``/readyz`` says
+ready): importing it on the first request made that request take seconds.
 """
 
 from __future__ import annotations
@@ -72,3 +73,19 @@ def visual_labels(request: schemas.VisualLabelRequest) -> schemas.VisualLabelRes
     return schemas.VisualLabelResponse(
         labels=labels, n_with_span=sum(lb.s_tilde is not None for lb in labels)
     )
+
+
+def warm_up() -> None:
+    """Import torch and run the label arithmetic once on two samples; raise if the result is wrong."""
+    request = schemas.VisualLabelRequest(
+        samples=[
+            schemas.VisualSample(uid="a", kl_mean=1.0, entropy_mean=1.0),
+            schemas.VisualSample(uid="b", kl=[0.5, 2.0], entropy=[1.0, 1.0], span=(0, 2)),
+        ]
+    )
+    labels = visual_labels(request).labels
+    # S_a = 0 < S_b = log 1.25, so the batch z-scores are ∓1 and S̃ = sigmoid(∓1)
+    if not (labels[0].s_tilde is not None and labels[1].s_tilde is not None):
+        raise RuntimeError(f"visual-labels warm-up gave no S̃: {labels}")
+    if not labels[0].s_tilde < 0.5 < labels[1].s_tilde:
+        raise RuntimeError(f"visual-labels warm-up gave S̃ out of order: {labels}")

@@ -93,3 +93,13 @@ def server():
         yield running
     finally:
         stop_server(running)
+
+
+@pytest.fixture
+def fresh_server():
+    """A server of its own, for tests of what happens first after start-up."""
+    running = start_server()
+    try:
+        yield running
+    finally:
+        stop_server(running)

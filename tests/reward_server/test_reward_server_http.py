@@ -4,6 +4,7 @@ timeouts and dead workers contained to their own items."""
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 
@@ -250,3 +251,75 @@ def test_chunked_body_over_the_limit_is_413(server):
     with server.client() as http:
         reply = http.post("/v1/score", content=chunks(), headers={"content-type": "application/json"})
     assert reply.status_code == 413 and "max_body_bytes=200000" in detail(reply)[0]["msg"]
+
+
+def test_deeply_nested_json_is_400_in_the_documented_shape(server):
+    nested = "[" * 50_000 + "]" * 50_000  # 100 kB, under the test max_body_bytes
+    body = (
+        '{"items": [{"uid": "1", "response": "x", "ground_truth": "1", "extra_info": {"a": ' + nested + "}}]}"
+    )
+    with server.client() as http:
+        reply = http.post("/v1/score", content=body, headers={"content-type": "application/json"})
+        missing = http.get("/no/such/route")
+    assert reply.status_code == 400
+    assert isinstance(detail(reply), list) and detail(reply)[0]["loc"] == ["body"]
+    assert detail(reply)[0]["type"] == "json_invalid" and "nested too deeply" in detail(reply)[0]["msg"]
+    assert missing.status_code == 404 and detail(missing) == [
+        {"loc": [], "msg": "Not Found", "type": "not_found"}
+    ]
+
+
+# ---- /get_reward when the prompt is not a prefix of the query ------------------------------------
+
+
+def test_get_reward_finds_the_response_after_expanded_image_tokens_and_flags_the_rest(server):
+    def prompt(n_pads: int) -> str:
+        return (
+            "<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * n_pads + "<|vision_end|>"
+            "Answer in this format: <think><vision>..</vision><reasoning>..</reasoning></think>"
+            "\\boxed{3}<confidence>..</confidence><|im_end|>\n<|im_start|>assistant\n"
+        )
+
+    right = ITEMS[0]["response"]
+    body = {
+        "query": [prompt(64) + right, "the model's words, with no trace of the prompt"],
+        "prompts": [prompt(1), prompt(1)],
+        "labels": ["3", "3"],
+    }
+    with server.client() as http:
+        before = metric_value(
+            http.get("/metrics").text, 'vlcal_rs_get_reward_splits_total{method="not_found"}'
+        )
+        reply = http.post("/get_reward", json=body)
+        after = metric_value(
+            http.get("/metrics").text, 'vlcal_rs_get_reward_splits_total{method="not_found"}'
+        )
+    assert reply.status_code == 200, reply.text
+    out = reply.json()
+    want = rewards.compute_score("", right, "3")
+    assert out["rewards"][0] == pytest.approx(want["score"], abs=1e-12) and out["scores"][0] == 1.0
+    # not found: the empty response's penalty (−w_brier·1, no format credit), never the prompt's tags
+    assert out["rewards"][1] == pytest.approx(rewards.compute_score("", "", "3")["score"], abs=1e-12)
+    assert out["rewards"][1] == pytest.approx(-2.0) and out["scores"][1] == 0.0
+    assert out["split"] == ["prompt_suffix", "not_found"]
+    assert out["extra_logs"]["response_not_found"] == [0.0, 1.0]
+    assert after - before == 1.0
+
+
+def metric_value(text: str, sample: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_first_visual_labels_call_is_fast_once_ready(fresh_server):
+    """torch is imported during start-up, before /readyz says ready (it took ~9 s on the first call)."""
+    with fresh_server.client() as http:
+        start = time.perf_counter()
+        reply = http.post(
+            "/v1/visual-labels", json={"samples": [{"uid": 1, "kl_mean": 1, "entropy_mean": 2}]}
+        )
+        elapsed = time.perf_counter() - start
+    assert reply.status_code == 200 and reply.json()["n_with_span"] == 1
+    assert elapsed < 1.0, f"first /v1/visual-labels took {elapsed:.1f} s"
