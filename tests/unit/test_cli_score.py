@@ -130,3 +130,75 @@ def test_console_script_exit_code(tmp_path):
     )
     assert proc.returncode == 2
     assert "line 1: field 'response'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def one_good_row(tmp_path):
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, [{"response": GOOD.format(ans="4", v=10, r=10), "ground_truth": "4"}])
+    return src
+
+
+@pytest.mark.parametrize("flag", ["--w-brier", "--w-fmt", "--timeout"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_options_are_refused(tmp_path, capsys, flag, value):
+    src, dst = one_good_row(tmp_path), tmp_path / "o.jsonl"
+    assert main(["score", str(src), "-o", str(dst), f"{flag}={value}"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"vlcal score: {flag} must be a finite number, got {float(value)}"
+    assert not dst.exists()
+
+
+def test_nan_in_the_input_is_refused_with_its_line(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, ['{"response": "r", "ground_truth": "1", "extra": NaN}'])
+    assert main(["score", str(src), "-o", str(tmp_path / "o.jsonl")]) == 2
+    assert "line 1: NaN is not valid JSON" in capsys.readouterr().err
+
+
+def test_bad_output_paths_are_refused_before_grading(tmp_path, capsys, monkeypatch):
+    import vlcal_verl.rewards
+
+    def no_grading(*args, **kwargs):
+        raise AssertionError("graded although the output path is unusable")
+
+    monkeypatch.setattr(vlcal_verl.rewards, "score_many", no_grading)
+    src = one_good_row(tmp_path)
+    a_file = tmp_path / "plain.txt"
+    a_file.write_text("x")
+    cases = [
+        (tmp_path / "no" / "such" / "o.jsonl", "does not exist (create it: mkdir -p"),
+        (tmp_path, "is a folder; give a file path"),
+        (a_file / "o.jsonl", "is not a folder"),
+    ]
+    for dst, message in cases:
+        assert main(["score", str(src), "-o", str(dst)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "plain.txt"]
+
+
+def test_output_is_written_atomically(tmp_path):
+    from vlcal_verl.commands.score import write_jsonl_atomic
+
+    dst = tmp_path / "o.jsonl"
+    dst.write_text("previous run\n")
+
+    def rows():
+        yield {"a": 1}
+        raise KeyboardInterrupt  # interrupted midway
+
+    with pytest.raises(KeyboardInterrupt):
+        write_jsonl_atomic(dst, rows())
+    assert dst.read_text() == "previous run\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["o.jsonl"]  # no temporary file left behind
+    write_jsonl_atomic(dst, [{"a": 1}, {"b": "é"}])
+    assert read_jsonl(dst) == [{"a": 1}, {"b": "é"}]
+    assert dst.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -4,14 +4,22 @@ Each input line is a JSON object with ``response`` and ``ground_truth`` (and usu
 an optional ``answer_kind`` picks the grader: math, multiple_choice, yes_no). Every other field is
 carried through; each output line adds ``score`` and the component keys of
 :data:`vlcal_verl.rewards.REWARD_COMPONENT_KEYS` (confidences in [0, 1], null when unparsed). The whole
-file is validated before any grading, so a bad line fails fast with its line number and field.
+file is validated before any grading, so a bad line fails fast with its line number and field; so
+are the options (finite weights) and the output path (its folder exists and is writable, it is not a
+folder itself). The output is written to a temporary file beside it and renamed into place, so an
+interrupted run leaves no half-written file (and an existing output file intact).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
 import sys
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +60,18 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line, parse_constant=_refuse_constant)
             except json.JSONDecodeError as err:
                 raise InputError(f"{path} line {lineno}: not valid JSON ({err.msg})") from None
+            except ValueError as err:
+                raise InputError(f"{path} line {lineno}: {err}") from None
             records.append(_validate(record, path, lineno))
     return records
+
+
+def _refuse_constant(name: str) -> Any:
+    """json.loads accepts NaN/Infinity, which are not JSON and could not be written back out."""
+    raise ValueError(f"{name} is not valid JSON (use null or a finite number)")
 
 
 def _validate(record: Any, path: Path, lineno: int) -> dict[str, Any]:
@@ -97,6 +112,9 @@ def _config(args: argparse.Namespace):
         cfg.w_brier = args.w_brier
     if args.w_fmt is not None:
         cfg.w_fmt = args.w_fmt
+    for flag, value in (("--w-brier", args.w_brier), ("--w-fmt", args.w_fmt), ("--timeout", args.timeout)):
+        if value is not None and not math.isfinite(value):
+            raise InputError(f"{flag} must be a finite number, got {value}")
     if cfg.reference_parity and cfg.protocol != "decoupled":
         raise InputError("--reference-parity needs --protocol decoupled")
     if args.timeout <= 0:
@@ -106,9 +124,47 @@ def _config(args: argparse.Namespace):
     return cfg
 
 
+def check_output(output: str) -> Path | None:
+    """The output path (None for stdout), or InputError saying what is wrong with it and what to do."""
+    if output == "-":
+        return None
+    path = Path(output)
+    if path.is_dir():
+        raise InputError(f"-o {output}: is a folder; give a file path, e.g. -o {path / 'scored.jsonl'}")
+    folder = path.parent
+    if not folder.exists():
+        raise InputError(f"-o {output}: folder {folder} does not exist (create it: mkdir -p {folder})")
+    if not folder.is_dir():
+        raise InputError(f"-o {output}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"-o {output}: cannot write to folder {folder} (permission denied)")
+    return path
+
+
+def write_jsonl_atomic(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Write ``rows`` as JSONL to a temporary file in ``path``'s folder, then rename it to ``path``.
+
+    If anything fails midway the temporary file is removed and ``path`` is untouched.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it an ordinary file's mode
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = _config(args)
+        output = check_output(args.output)
         records = read_records(args.input)
     except InputError as err:
         print(f"vlcal score: {err}", file=sys.stderr)
@@ -123,13 +179,12 @@ def run(args: argparse.Namespace) -> int:
 
         with Grader(max_workers=args.workers, timeout_s=cfg.grading_timeout_s) as grader:
             results = score_many(items, cfg, grader=grader, progress=True)
-    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
-    try:
-        for record, result in zip(records, results, strict=False):
-            out.write(json.dumps({**record, **result}, ensure_ascii=False) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    rows = ({**record, **result} for record, result in zip(records, results, strict=True))
+    if output is None:
+        for row in rows:
+            sys.stdout.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+    else:
+        write_jsonl_atomic(output, rows)
     n_ok = sum(r["parse_ok"] for r in results)
     print(f"vlcal score: {len(results)} responses, {n_ok} parsed → {args.output}", file=sys.stderr)
     return 0
