@@ -98,3 +98,50 @@ def test_malformed_input_exits_2_naming_line_and_field(tmp_path, capsys, lines, 
 def test_missing_file_exits_2(tmp_path, capsys):
     assert main(["metrics", str(tmp_path / "nope.jsonl")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+GOOD_LINES = [{"confidence": 0.9, "correct": True}, {"confidence": 0.2, "correct": False}]
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("r.txt", "extension .txt is not an image format matplotlib writes; use one of"),
+        ("r", "no extension is not an image format"),
+        ("sub", "is a folder; give a file path"),
+    ],
+)
+def test_unwritable_plot_is_refused_before_any_work(tmp_path, capsys, name, message):
+    (tmp_path / "sub").mkdir()
+    path = _write(tmp_path / "in.jsonl", GOOD_LINES)
+    assert main(["metrics", str(path), "--plot", str(tmp_path / name)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert message in captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "sub"]
+
+
+def test_plot_format_follows_the_extension(tmp_path, capsys):
+    path = _write(tmp_path / "in.jsonl", GOOD_LINES)
+    assert main(["metrics", str(path), "--plot", str(tmp_path / "r.SVG")]) == 0
+    assert (tmp_path / "r.SVG").read_text().lstrip().startswith("<?xml")
+    assert main(["metrics", str(path), "--plot", str(tmp_path / "r.pdf")]) == 0
+    assert (tmp_path / "r.pdf").read_bytes().startswith(b"%PDF")
+
+
+@pytest.mark.parametrize("n_bins", [0, -3, 1001, 1_000_000])
+def test_n_bins_outside_1_to_1000_is_refused(tmp_path, capsys, n_bins):
+    path = _write(tmp_path / "in.jsonl", GOOD_LINES)
+    assert main(["metrics", str(path), "--n-bins", str(n_bins)]) == 2
+    assert (
+        capsys.readouterr().err.strip() == f"vlcal metrics: error: --n-bins must be in 1..1000, got {n_bins}"
+    )
+
+
+def test_n_bins_1000_is_allowed_and_said_in_help(tmp_path, capsys):
+    path = _write(tmp_path / "in.jsonl", GOOD_LINES)
+    out = _run_json(capsys, path, "--n-bins", "1000")
+    assert out["ece"] == pytest.approx((0.1 + 0.2) / 2)  # each answer alone in its bin
+    with pytest.raises(SystemExit):
+        main(["metrics", "--help"])
+    assert "1..1000" in capsys.readouterr().out

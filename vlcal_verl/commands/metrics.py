@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 EXIT_BAD_INPUT = 2
+MAX_BINS = 1000
+"""Upper bound of --n-bins: beyond it bins hold a handful of answers each and the plot takes minutes."""
 
 
 class InputError(ValueError):
@@ -26,10 +28,17 @@ class InputError(ValueError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", type=Path, help="JSONL with a confidence and a correctness flag per line")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--plot", type=Path, default=None, help="write the reliability diagram (PNG) here")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="write the reliability diagram here; the extension picks the format (.png, .pdf, .svg, ...)",
+    )
     parser.add_argument("--confidence-key", default="confidence", help="field holding Φ in [0, 1]")
     parser.add_argument("--correct-key", default="correct", help="field holding correctness (bool or 0/1)")
-    parser.add_argument("--n-bins", type=int, default=10, help="equal-width ECE bins (default 10)")
+    parser.add_argument(
+        "--n-bins", type=int, default=10, help=f"equal-width ECE bins, 1..{MAX_BINS} (default 10)"
+    )
 
 
 def read_pairs(
@@ -126,12 +135,38 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def check_plot_path(path: Path) -> None:
+    """InputError unless matplotlib can write ``path`` (a format it knows, by extension; not a folder)."""
+    import shutil
+
+    import matplotlib
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = dict(FigureCanvasBase.get_supported_filetypes())
+    texsystem = matplotlib.rcParams["pgf.texsystem"]
+    if shutil.which(texsystem) is None:  # .pgf needs a TeX install to measure text
+        formats.pop("pgf", None)
+    if path.is_dir():
+        raise InputError(
+            f"--plot {path}: is a folder; give a file path, e.g. --plot {path / 'reliability.png'}"
+        )
+    ext = path.suffix.lower().lstrip(".")
+    if ext not in formats:
+        what = f"extension .{ext}" if ext else "no extension"
+        raise InputError(
+            f"--plot {path}: {what} is not an image format matplotlib writes; use one of "
+            + ", ".join("." + e for e in sorted(formats))
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from vlcal_verl.metrics import calibration_metrics, plot_reliability
 
     try:
-        if args.n_bins < 1:
-            raise InputError(f"--n-bins must be >= 1, got {args.n_bins}")
+        if not 1 <= args.n_bins <= MAX_BINS:
+            raise InputError(f"--n-bins must be in 1..{MAX_BINS}, got {args.n_bins}")
+        if args.plot is not None:
+            check_plot_path(args.plot)
         conf, corr, parsed = read_pairs(args.input, args.confidence_key, args.correct_key)
     except InputError as err:
         print(f"vlcal metrics: error: {err}", file=sys.stderr)
