@@ -97,6 +97,20 @@ def _unwrap_text_macros(s: str) -> str:
     return s
 
 
+def _strip_outer_braces(s: str) -> str:
+    """``{B}``, ``{{(A)}}`` → ``B``, ``(A)``: drop brace pairs that enclose the whole text (a model's
+    ``\\boxed{{B}}`` or a ground truth written as a TeX group)."""
+    s = s.strip()
+    while len(s) >= 2 and s[0] == "{" and s[-1] == "}":
+        depth = 0
+        for i, ch in enumerate(s):
+            depth += (ch == "{") - (ch == "}")
+            if depth == 0 and i < len(s) - 1:
+                return s  # "{a}{b}": the first brace closes early, not one group
+        s = s[1:-1].strip()
+    return s
+
+
 def extract_choice_letter(text: str, strict: bool = True) -> str | None:
     """The single option letter A–J named by ``text`` (upper-cased), or None when none/several.
 
@@ -107,6 +121,7 @@ def extract_choice_letter(text: str, strict: bool = True) -> str | None:
         ['B', 'B', 'B', 'B', 'B', None]
     """
     t = _unwrap_text_macros(text.strip().strip("$").replace("*", "")).strip().rstrip(".").strip()
+    t = _strip_outer_braces(t)
     m = re.fullmatch(r"\(?\s*([A-Ja-j])\s*\)?", t)
     if m:
         return m.group(1).upper()
@@ -135,7 +150,7 @@ def extract_yes_no(text: str) -> str | None:
     >>> extract_yes_no("\\\\text{True}"), extract_yes_no("No, it is not"), extract_yes_no("maybe")
     ('yes', 'no', None)
     """
-    t = _unwrap_text_macros(text).strip().lower()
+    t = _strip_outer_braces(_unwrap_text_macros(text)).lower()
     m = re.match(r"^[\s$*(\"'`]*(yes|no|true|false)\b", t)
     return _BINARY[m.group(1)] if m else None
 
@@ -143,7 +158,7 @@ def extract_yes_no(text: str) -> str | None:
 def detect_kind(ground_truth: str) -> str:
     """``multiple_choice`` for a lone upper-case letter A–J, ``yes_no`` for yes/no or true/false, else
     ``math``."""
-    t = _unwrap_text_macros(ground_truth).strip().strip("$").strip()
+    t = _strip_outer_braces(_unwrap_text_macros(ground_truth).strip().strip("$"))
     if re.fullmatch(r"\(?\s*[A-J]\s*\)?\.?", t):
         return "multiple_choice"
     if t.lower().rstrip(".") in _BINARY:

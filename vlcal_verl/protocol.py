@@ -20,10 +20,13 @@ match a lazy regex would find, without the backtracking.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
+import os
 import re
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from vlcal_verl.grading import extract_boxed
 
@@ -43,7 +46,7 @@ _TAG_NAMES = (
 _TAG_RE = re.compile(f"<{WS}(/?){WS}({'|'.join(_TAG_NAMES)}){WS}>")
 VISION_OPEN_RE = re.compile(f"<{WS}vision{WS}>")
 VISION_CLOSE_RE = re.compile(f"<{WS}/{WS}vision{WS}>")
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)\{")
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")  # as the grader's reader: "\\boxed {4}" is a box
 _BRACE_RE = re.compile(r"[{}]")
 _NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)", re.ASCII)
 MAX_CONFIDENCE = 10.0
@@ -132,8 +135,48 @@ Use this exact layout:
 <confidence>N</confidence>"""
 
 
-def build_prompt(question: str, protocol: str = "decoupled") -> str:
-    """Return the user-turn text: the question followed by the protocol's instructions.
+PROMPT_TEMPLATE_ENV = "VLCAL_PROMPT_TEMPLATE"
+"""A Jinja file that replaces the built-in instructions wherever prompts are built (``vlcal data``,
+``vlcal eval``, the demo): it renders ``{{ content }}``, the question (the variable the authors' templates
+use, so their files work by path). ``--prompt-template FILE`` sets it for one command."""
+
+
+def load_prompt_template(path: str | os.PathLike) -> Any:
+    """A compiled Jinja template from ``path``; ValueError naming the problem (missing file, a template
+    that never renders the question, a Jinja syntax error)."""
+    import jinja2
+    import jinja2.meta
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"prompt template: no such file: {p}")
+    text = p.read_text(encoding="utf-8").strip()
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
+    try:
+        names = jinja2.meta.find_undeclared_variables(env.parse(text))
+    except jinja2.TemplateSyntaxError as err:
+        raise ValueError(f"prompt template {p}: line {err.lineno}: {err.message}") from None
+    if "content" not in names:
+        raise ValueError(f"prompt template {p} never uses {{{{ content }}}} (the question)")
+    if names - {"content"}:
+        raise ValueError(f"prompt template {p}: unknown variables {sorted(names - {'content'})}")
+    return env.from_string(text)
+
+
+def active_prompt_template() -> Any | None:
+    """The template named by :data:`PROMPT_TEMPLATE_ENV`, or None (the built-in instructions)."""
+    path = os.environ.get(PROMPT_TEMPLATE_ENV)
+    return _cached_template(path) if path else None
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_template(path: str) -> Any:
+    return load_prompt_template(path)
+
+
+def build_prompt(question: str, protocol: str = "decoupled", template: Any | None = None) -> str:
+    """Return the user-turn text: the question followed by the protocol's instructions, or ``template``
+    (a :func:`load_prompt_template` result; default :func:`active_prompt_template`) rendered with it.
 
     >>> build_prompt("How many dogs?").startswith("How many dogs?\\n\\nFirst think")
     True
@@ -142,6 +185,9 @@ def build_prompt(question: str, protocol: str = "decoupled") -> str:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if not isinstance(question, str):
         raise TypeError(f"question must be a str, got {type(question).__name__}")
+    template = template if template is not None else active_prompt_template()
+    if template is not None:
+        return template.render(content=question)
     body = DECOUPLED_INSTRUCTIONS if protocol == "decoupled" else RLCR_INSTRUCTIONS
     return f"{question.strip()}\n\n{body}"
 

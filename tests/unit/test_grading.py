@@ -271,3 +271,31 @@ def test_string_rules_never_raise(text):
 )
 def test_extract_boxed_keeps_any_balanced_content(content):
     assert extract_boxed(f"pre \\boxed{{0}} mid \\boxed{{{content}}} post") == content
+
+
+@pytest.mark.parametrize(
+    ("prediction", "truth", "correct"),
+    [
+        ("{B}", "B", True),
+        ("{Yes}", "yes", True),
+        ("{(A)}", "A", True),
+        ("{{C}}", "C", True),
+        ("B", "{B}", True),
+        ("{No}", "yes", False),
+        ("{A}{B}", "A", False),
+    ],
+)
+def test_braces_around_a_letter_or_yes_no_are_stripped(prediction, truth, correct):
+    assert grade_answer(prediction, truth).correct is correct
+
+
+def test_boxed_with_a_space_is_one_answer_for_parser_and_format():
+    from vlcal_verl.protocol import parse_response
+
+    text = (
+        "<think><vision>a</vision><reasoning>b</reasoning></think>\\boxed {4}<analysis>c</analysis>"
+        "<confidence><vision_confidence>8</vision_confidence><reasoning_confidence>7</reasoning_confidence>"
+        "</confidence>"
+    )
+    parsed = parse_response(text, "decoupled")
+    assert parsed.answer == "4" and parsed.format_ok and parsed.parse_ok

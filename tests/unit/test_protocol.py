@@ -479,12 +479,12 @@ FAST_CASES = [  # (text, protocol): layouts the fast path reads itself
     (GOOD.replace("\\boxed{2}", "\\boxed{\\frac{1}{2}}"), "decoupled"),
     (GOOD.replace("\\boxed{2}", "so \\fbox{ 12 } it is"), "decoupled"),
     (RLCR_GOOD, "rlcr"),
+    (GOOD.replace("\\boxed{2}", "\\boxed {2}"), "decoupled"),  # a space before the brace is still the box
 ]
 SLOW_CASES = [  # (text, protocol): the fast path declines, the scanner decides
     (GOOD.replace("grass.", "grass, x < 3."), "decoupled"),  # a stray '<'
     (GOOD.replace("them: 2.", "them: \\boxed{1}."), "decoupled"),  # a second box
     (GOOD.replace("\\boxed{2}", "\\boxed{2"), "decoupled"),  # the box does not close in its segment
-    (GOOD.replace("\\boxed{2}", "\\boxed {2}"), "decoupled"),  # only extract_boxed reads this one
     (GOOD.replace("\\boxed{2}", "2"), "decoupled"),  # no box at all
     (GOOD.replace("<reasoning>", ""), "decoupled"),
     (GOOD, "rlcr"),

@@ -30,10 +30,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--unanswerable", action="store_true", help="blank every image (same size)")
     for q in (v, b):
         q.add_argument("--protocol", choices=("decoupled", "rlcr"), default="decoupled")
+        q.add_argument(
+            "--prompt-template",
+            type=Path,
+            default=None,
+            help="Jinja file rendering {{ content }} (the question) instead of the built-in instructions "
+            "(e.g. the authors' format prompt); also read from $VLCAL_PROMPT_TEMPLATE",
+        )
+
+
+def use_prompt_template(path: Path | None) -> None:
+    """Validate ``--prompt-template`` and make it this process's template (ValueError when unusable)."""
+    import os
+
+    from vlcal_verl.protocol import PROMPT_TEMPLATE_ENV, load_prompt_template
+
+    if path is not None:
+        load_prompt_template(path)
+        os.environ[PROMPT_TEMPLATE_ENV] = str(Path(path).resolve())
+    elif os.environ.get(PROMPT_TEMPLATE_ENV):
+        load_prompt_template(os.environ[PROMPT_TEMPLATE_ENV])
 
 
 def run(args: argparse.Namespace) -> int:
     try:
+        use_prompt_template(args.prompt_template)
         if args.data_command == "virl":
             from vlcal_verl.data.virl import prepare_virl
 
