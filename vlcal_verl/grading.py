@@ -343,3 +343,23 @@ def grade_with_timeout(
 
 
 _POOL_GRACE_S = 60.0
+
+
+def reference_grade(response: str, ground_truth: str) -> GradeResult:
+    """The authors' correctness check (mathruler on the last box of the tag-normalised response) as a
+    :class:`GradeResult`; module-level so the grading pool can run it."""
+    from vlcal_verl.rewards_reference import normalise_tags, reference_accuracy
+
+    correct = reference_accuracy(normalise_tags(response), str(ground_truth)) == 1.0
+    return GradeResult(correct, "ok", "reference", None)
+
+
+def reference_grade_with_timeout(response: str, ground_truth: str, timeout_s: float = 5.0) -> GradeResult:
+    """:func:`reference_grade` in the process-wide pool, ``status="timeout"`` after ``timeout_s``."""
+    future = default_grader()._schedule(reference_grade, (response, str(ground_truth)), timeout_s)
+    try:
+        return future.result(timeout=timeout_s + _POOL_GRACE_S)
+    except concurrent.futures.TimeoutError:
+        return GradeResult(
+            False, "timeout", None, f"grading pool did not answer within {timeout_s:g}s + grace"
+        )

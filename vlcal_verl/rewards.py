@@ -147,17 +147,21 @@ def score_response(
 
 
 def _score_reference(response: str, ground_truth: str, cfg: RewardConfig, grade: Any | None) -> dict:
-    """The authors' decouple reward (see :mod:`vlcal_verl.rewards_reference`)."""
-    from vlcal_verl.rewards_reference import reference_components
+    """The authors' decouple or RLCR reward (see :mod:`vlcal_verl.rewards_reference`).
 
-    if cfg.protocol != "decoupled":
-        raise ValueError("vlcal.reward.reference_parity needs vlcal.reward.protocol='decoupled'")
+    Without a ``grade``, I is the authors' mathruler check run in the grading pool with
+    ``grading_timeout_s`` (same verdicts as theirs; a hung sympy call becomes status "timeout")."""
+    from vlcal_verl.grading import reference_grade_with_timeout
+    from vlcal_verl.rewards_reference import reference_components, reference_rlcr_components
+
     text = response if isinstance(response, str) else ""
-    accuracy = None if grade is None else float(grade.correct)
-    parts = reference_components(text, ground_truth, accuracy)
+    if grade is None:
+        grade = reference_grade_with_timeout(text, ground_truth, cfg.grading_timeout_s)
+    accuracy = float(grade.correct)
+    components = reference_rlcr_components if cfg.protocol == "rlcr" else reference_components
+    parts = components(text, ground_truth, accuracy)
     score = parts["accuracy"] + cfg.w_brier * parts["brier"] + cfg.w_fmt * parts["format"]
-    status = "ok" if grade is None else str(grade.status)
-    return {"score": score, **parts, "grading_status": status}
+    return {"score": score, **parts, "grading_status": str(grade.status)}
 
 
 def _grade(answer: str | None, ground_truth: str, kind: str | None, timeout_s: float):
@@ -237,12 +241,12 @@ def score_many(
     """Score (response, ground_truth, kind) triples, grading all answers in parallel.
 
     ``grader``: an open ``grading.Grader`` to reuse; by default one is opened for this call. In
-    reference-parity mode the authors' in-process mathruler grading is used instead of the pool.
+    reference-parity mode the pool runs the authors' mathruler check instead of ours.
     """
     cfg = config or RewardConfig()
     items = list(items)
     if cfg.reference_parity:
-        return [score_response(r, gt, config=cfg) for r, gt, _ in _bar(items, progress, "scoring")]
+        return _score_many_reference(items, cfg, grader, progress)
     answers = [parse_response(r if isinstance(r, str) else "", cfg.protocol).answer for r, _, _ in items]
     jobs = [(a, str(gt), kind) for a, (_, gt, kind) in zip(answers, items, strict=False)]
     if grader is None:
@@ -253,6 +257,23 @@ def score_many(
     else:
         grades = _grade_all(grader, jobs, progress)
     return [score_response(r, gt, config=cfg, grade=g) for (r, gt, _), g in zip(items, grades, strict=False)]
+
+
+def _score_many_reference(items: list, cfg: RewardConfig, grader: Any | None, progress: bool) -> list:
+    from vlcal_verl.grading import Grader, reference_grade
+
+    def run(pool: Any) -> list:
+        texts = [r if isinstance(r, str) else "" for r, _, _ in items]
+        futures = [
+            pool._schedule(reference_grade, (t, str(gt))) for t, (_, gt, _) in zip(texts, items, strict=True)
+        ]
+        pairs = _bar(list(zip(futures, items, strict=True)), progress, "grading")
+        return [score_response(r, gt, config=cfg, grade=f.result()) for f, (r, gt, _) in pairs]
+
+    if grader is not None:
+        return run(grader)
+    with Grader(timeout_s=cfg.grading_timeout_s) as pool:
+        return run(pool)
 
 
 def _grade_all(grader: Any, jobs: list[tuple[str | None, str, str | None]], progress: bool) -> list:

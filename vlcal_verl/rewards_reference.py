@@ -17,6 +17,17 @@ comparing runs against theirs. Their rules, as read from that file:
 4. I from ``mathruler``: ``grade_answer(extract_boxed_content(normalised), ground_truth)``.
 5. Brier = −(Φ − I)², or −1 when unparsed; visual term −(c_v − S̃)², or −1 (added by the trainer).
 
+The authors' RLCR baseline reward (their ``rlcr_vlm`` reward function), for ``protocol='rlcr'``:
+
+6. Rule 1 first. Confidence: the first ``<confidence>NUMBER</confidence>`` (NUMBER as in rule 2) gives
+   c = min((NUMBER/10)^1.3, 1); none found counts as c = 0.5 (not as unparsed: the Brier term is
+   −(c − I)² either way).
+7. Format F: the *whole* response must be ``<think>``…``</think>``…``\boxed{``…``}``…``<analysis>``…
+   ``</analysis>``…``<confidence>X</confidence>`` — starting with ``<think>`` and ending with the
+   closing tag, nothing after it; then F = 1 if X (stripped) is a float in [1, 10], 0.5 if it is another
+   float, 0 otherwise.
+8. I by rule 4; R = I + w_brier·Brier + w_fmt·F with their weights 0.8 and 0.4.
+
 Matching is an earliest-occurrence scan, which yields the same first match as their lazy regexes (a
 match exists from a position iff it exists from any earlier one), in linear time.
 """
@@ -134,4 +145,51 @@ def reference_components(response: str, ground_truth: str, accuracy: float | Non
         "vision_confidence": c_v,
         "reasoning_confidence": c_r,
         "parse_ok": extracted is not None,
+    }
+
+
+_RLCR_LAYOUT = ("</think>", "\\boxed{", "}", "<analysis>", "</analysis>", "<confidence>")
+
+
+def reference_rlcr_confidence(normalised: str) -> float | None:
+    """c by rule 6 on a normalised response, or None when no ``<confidence>NUMBER</confidence>``."""
+    found = _first_valid(normalised, "confidence", 0)
+    if found is None:
+        return None
+    return max(0.0, min((float(found[0]) / 10.0) ** 1.3, 1.0))
+
+
+def reference_rlcr_format(normalised: str) -> float:
+    """F by rule 7 on a normalised response (1.0, 0.5 or 0.0)."""
+    opening, closing = "<think>", "</confidence>"
+    if not (normalised.startswith(opening) and normalised.endswith(closing)):
+        return 0.0
+    limit = len(normalised) - len(closing)  # the closing tag that ends the response
+    pos = len(opening)
+    for piece in _RLCR_LAYOUT:
+        i = normalised.find(piece, pos)
+        if i < 0 or i + len(piece) > limit:
+            return 0.0
+        pos = i + len(piece)
+    try:
+        value = float(normalised[pos:limit].strip())
+    except ValueError:
+        return 0.0
+    return 1.0 if 1.0 <= value <= 10.0 else 0.5
+
+
+def reference_rlcr_components(response: str, ground_truth: str, accuracy: float | None = None) -> dict:
+    """The authors' RLCR per-sample components (rules 6–8; ``accuracy`` overrides rule 4)."""
+    normalised = normalise_tags(response)
+    found = reference_rlcr_confidence(normalised)
+    c = 0.5 if found is None else found
+    i_correct = reference_accuracy(normalised, ground_truth) if accuracy is None else float(accuracy)
+    return {
+        "accuracy": i_correct,
+        "format": reference_rlcr_format(normalised),
+        "brier": -((c - i_correct) ** 2),
+        "confidence": c,
+        "vision_confidence": None,
+        "reasoning_confidence": None,
+        "parse_ok": found is not None,
     }

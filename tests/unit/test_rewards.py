@@ -288,8 +288,50 @@ def test_reference_parity_uses_given_grade():
     assert (
         out["accuracy"] == 0.0 and out["grading_status"] == "timeout" and out["score"] == pytest.approx(-1.6)
     )
-    with pytest.raises(ValueError, match="reference_parity"):
-        score_response(resp(), "2", config=RewardConfig(reference_parity=True, protocol="rlcr", w_vis=0))
+
+
+RLCR_AUTHORS = RewardConfig(reference_parity=True, protocol="rlcr", w_brier=0.8, w_fmt=0.4, w_vis=0.0)
+
+
+def rlcr(conf: str = "8", answer: str = "4", tail: str = "") -> str:
+    return (
+        f"<think> look </think> so \\boxed{{{answer}}} <analysis> fine </analysis>"
+        f"<confidence> {conf} </confidence>{tail}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("response", "gt", "c", "fmt", "parse_ok"),
+    [
+        # wrong at 8: c = 0.8^1.3 = 0.748199; F = 1 (8 in [1, 10])
+        (rlcr("8"), "5", 0.8**1.3, 1.0, True),
+        # right at 10: c = 1; F = 1
+        (rlcr("10"), "4", 1.0, 1.0, True),
+        # c = 0 parses (c = 0) but is outside [1, 10]: F = 0.5
+        (rlcr("0"), "4", 0.0, 0.5, True),
+        # 12 → (1.2)^1.3 capped at 1; F = 0.5
+        (rlcr("12"), "4", 1.0, 0.5, True),
+        # trailing text after </confidence>: the whole-layout match fails, F = 0; c still read
+        (rlcr("8", tail=" thanks"), "4", 0.8**1.3, 0.0, True),
+        # no confidence number: c = 0.5 (not a penalty); "high" is no float: F = 0
+        (rlcr("high"), "4", 0.5, 0.0, False),
+        # 1e1 is a float in [1, 10] (F = 1) but not a <confidence>NUMBER</confidence>: c = 0.5
+        (rlcr("1e1"), "4", 0.5, 1.0, False),
+    ],
+)
+def test_rlcr_authors_form_hand_computed(response, gt, c, fmt, parse_ok):
+    out = score_response(response, gt, config=RLCR_AUTHORS)
+    i_correct = 1.0 if gt == "4" else 0.0
+    assert out["accuracy"] == i_correct and out["parse_ok"] is parse_ok
+    assert out["confidence"] == pytest.approx(c) and out["format"] == fmt
+    assert out["score"] == pytest.approx(i_correct - 0.8 * (c - i_correct) ** 2 + 0.4 * fmt)
+
+
+def test_rlcr_authors_wrong_answer_at_8_is_minus_0_048():
+    # 0 + 0.8·(−0.748199²) + 0.4 = −0.0478...; the project's own RLCR (w 2.0, c/10): 0 − 2·0.64 + 0.4 = −0.88
+    assert score_response(rlcr("8"), "5", config=RLCR_AUTHORS)["score"] == pytest.approx(-0.04784, abs=1e-5)
+    own = RewardConfig(protocol="rlcr", w_vis=0.0)
+    assert score_response(rlcr("8"), "5", config=own)["score"] == pytest.approx(-0.88)
 
 
 PIECES = [
