@@ -26,6 +26,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.total_training_steps=2")
 
 
+def check_config_file(path: Path) -> str | None:
+    """What is wrong with the recipe file as YAML (empty, not a mapping, no demo block), or None.
+
+    An empty file would otherwise compose into verl's and the trainer's built-in defaults alone.
+    """
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        return f"--config {path}: cannot read ({err.strerror or err})"
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        return f"--config {path}: not valid YAML{where} ({getattr(err, 'problem', None) or err})"
+    example = f"e.g. --config {DEFAULT_RECIPE}"
+    if data is None:
+        return f"--config {path}: the file is empty; give a recipe with a demo: block, {example}"
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        return (
+            f"--config {path}: a recipe is a YAML mapping (key: value), this file holds a {kind}; {example}"
+        )
+    if "demo" not in data and "defaults" not in data:
+        return f"--config {path}: no demo: block (and no defaults: to inherit one); {example}"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.config.is_file():
         print(f"vlcal train: --config: no such file: {args.config}", file=sys.stderr)
+        return 2
+    problem = check_config_file(args.config)
+    if problem is not None:
+        print(f"vlcal train: {problem}", file=sys.stderr)
         return 2
     bad = [o for o in args.overrides if "=" not in o]
     if bad:

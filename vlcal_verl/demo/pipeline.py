@@ -40,7 +40,10 @@ def check_out_dir(out: Path, ckpt_dir: Path, resume: bool) -> None:
     """Refuse to mix runs: a fresh run needs a fresh folder; ``--resume`` needs a checkpoint to resume."""
     has_ckpt = (ckpt_dir / "latest_checkpointed_iteration.txt").exists()
     if resume and not has_ckpt:
-        raise ValueError(f"--resume: no verl checkpoint under {ckpt_dir} (run without --resume first)")
+        raise ValueError(
+            f"--resume: nothing to resume, no verl checkpoint under {ckpt_dir}; "
+            "to start a fresh run, drop --resume"
+        )
     if not resume and has_ckpt:
         raise ValueError(
             f"{out} already holds a run (checkpoint in {ckpt_dir}): pass --resume or a new --out"
