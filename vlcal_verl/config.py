@@ -2,7 +2,7 @@
 
 Both engines (verl and local) and the reward server read these dataclasses; Hydra/OmegaConf YAML
 composes them (``OmegaConf.structured``), so a typo in a recipe is an error, not a silent default.
-Defaults are the authors' (DESIGN.md §2-§5).
+Defaults are the authors' (docs/design.md §3-§6).
 """
 
 from __future__ import annotations

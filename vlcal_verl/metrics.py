@@ -1,6 +1,6 @@
 """Calibration metrics of a set of (confidence, correct) pairs, and their two standard figures.
 
-Why this module exists: every table of the paper (ACC, AUROC, ECE; DESIGN.md §8) is computed from
+Why this module exists: every table of the paper (ACC, AUROC, ECE; docs/design.md §9) is computed from
 per-answer confidences Φ ∈ [0, 1] and correctness I ∈ {0, 1}; training logs, ``vlcal metrics``, the
 evaluation report and the reward server all use these functions so their numbers agree.
 

@@ -1,6 +1,6 @@
 """The output protocol the policy writes, its prompt, and a parser that never raises.
 
-Decoupled protocol (DESIGN.md §1)::
+Decoupled protocol (docs/design.md §2)::
 
     <think><vision> z_vis </vision><reasoning> z_reas </reasoning></think>
     \\boxed{answer}

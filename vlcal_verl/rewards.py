@@ -1,4 +1,4 @@
-"""Per-sample rewards of VL-Calibration, and the batch visual term (DESIGN.md §2).
+"""Per-sample rewards of VL-Calibration, and the batch visual term (docs/design.md §3).
 
     R = I + w_brier·(−(Φ − I)²) + w_fmt·F + w_vis·(−(c_v − S̃_vis)²)
 

@@ -1,6 +1,6 @@
 """Token-level Advantage Reweighting (TAR): sharper penalties on visually uncertain vision tokens.
 
-A rollout with a negative advantage is pushed down on every token. TAR (DESIGN.md §4) scales that push
+A rollout with a negative advantage is pushed down on every token. TAR (docs/design.md §5) scales that push
 on the tokens of the vision span by how little the token depended on the image: per token
 s_t = log(KL_t + ε) − log(H_t + ε), z_t = z-score of s within the sample over the scope (the vision
 span, default, or the whole response — the authors' choice), and

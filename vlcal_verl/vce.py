@@ -1,7 +1,7 @@
 """Visual Certainty Estimation (VCE): KL_t and H_t on the vision span from a masked-image forward.
 
 For each rollout the policy is run again with its image(s) masked (:mod:`vlcal_verl.vce_mask`) over the
-same response tokens y. Per response token t (DESIGN.md §3):
+same response tokens y. Per response token t (docs/design.md §4):
 
 - ``H_t`` = entropy of p_orig(·|y_<t), the policy's next-token distribution with the original image;
 - ``KL_t`` = KL(p_orig ‖ p_masked) over the full vocabulary (``exact``), the sampled-token estimator
@@ -240,7 +240,7 @@ def compute_vce_signals(
     temperature: float = 1.0,
     call_root: bool = False,
 ) -> VCESignals:
-    """Masked-image forward → per-token KL_t and H_t (DESIGN.md §3).
+    """Masked-image forward → per-token KL_t and H_t (docs/design.md §4).
 
     Args:
         batch: ``input_ids`` [B, L] = prompt (left-padded) + response (right-padded), ``attention_mask``

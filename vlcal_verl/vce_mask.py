@@ -1,6 +1,6 @@
 """Seeded patch masking for VCE: black out merged-patch cells of each image with probability p.
 
-VCE (DESIGN.md §3) compares the policy's next-token distributions with the original image and with a
+VCE (docs/design.md §4) compares the policy's next-token distributions with the original image and with a
 perturbed one. The perturbation is a grid of cells aligned with the model's *merged* patch grid
 (Qwen2.5-VL: patch 14 × merge 2 = 28 px; Qwen3-VL: patch 16 × merge 2 = 32 px), so a masked cell is
 exactly one LLM image token. A rollout must always get the same mask, so the cell mask is drawn from a

@@ -3,7 +3,7 @@
 Records (one per answered item) → ``metrics.json``, ``report.md``, ``report.html`` (self-contained,
 PNGs embedded) and the PNGs: a reliability diagram per benchmark and overall, and risk–coverage curves.
 
-Conventions (DESIGN.md §8): an unparsed confidence counts as 0 (a model that does not say how sure it
+Conventions (docs/design.md §9): an unparsed confidence counts as 0 (a model that does not say how sure it
 is gets no credit for it) and the parse rate is reported; the same metrics over parsed items only
 (``parsed_only``) stand beside. Calibration metrics use *answerable* records; records with
 ``unanswerable: true`` (image removed) only enter the confidence gap

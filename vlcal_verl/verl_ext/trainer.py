@@ -1,7 +1,7 @@
 """``VLCalTrainer``: verl 0.9.1's V1 synchronous PPO trainer plus the VL-Calibration steps.
 
 It subclasses :class:`verl.trainer.ppo.v1.PPOTrainerSync` and overrides step hooks only — ``fit`` and
-``_step_once`` stay verl's (DESIGN.md §5):
+``_step_once`` stay verl's (docs/design.md §6):
 
 - ``_init_resource_pool_mgr``: the actor role runs :class:`VLCalActorRolloutRefWorker` (adds
   ``compute_vce``) instead of verl's ``ActorRolloutRefWorker``;

@@ -1,7 +1,7 @@
 """VCE through verl 0.9.1's FSDP engine: the masked forward inside verl's own micro-batching.
 
 ``compute_vce`` must run on the actor's FSDP shards (the label comes from the current policy,
-DESIGN.md §5). Rather than copying verl's forward loop, the worker hands verl's engine a prepared batch
+docs/design.md §6). Rather than copying verl's forward loop, the worker hands verl's engine a prepared batch
 and swaps the engine's ``forward_step`` for :func:`vce_forward_step` for the duration of one
 ``infer_batch`` call (:func:`vce_forward_installed`). verl then does what it always does — eval mode and
 parameter offload, dynamic-batch micro-batching, ``no_grad``, re-ordering the per-sample outputs — and

@@ -1,7 +1,7 @@
 """``VLCalActorRolloutRefWorker``: verl 0.9.1's hybrid actor/rollout/ref worker plus ``compute_vce``.
 
-VCE must use the *current* policy's weights, which live as FSDP shards in the actor worker (DESIGN.md
-§5), so the masked-image pass is a method of the actor worker, registered on the actor mesh with the
+VCE must use the *current* policy's weights, which live as FSDP shards in the actor worker (docs/design.md
+§6), so the masked-image pass is a method of the actor worker, registered on the actor mesh with the
 same dispatch as verl's ``compute_log_prob``: the trainer passes the TransferQueue batch handle, each
 DP rank gets its share, and the returned per-token ``vce_kl`` / ``vce_entropy`` go back to
 TransferQueue. The forward itself runs through verl's engine (:mod:`vlcal_verl.verl_ext.vce_engine`).
