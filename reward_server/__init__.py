@@ -8,7 +8,7 @@ design notes are in :mod:`reward_server.app`.
 from vlcal_verl import __version__
 
 REWARD_NAME = "vl-calibration"
-"""The reward this server computes: R = I + w_brier·(−(Φ − I)²) + w_fmt·F (DESIGN.md §2)."""
+"""The reward this server computes: R = I + w_brier·(−(Φ − I)²) + w_fmt·F (docs/design.md §3)."""
 REWARD_VERSION = __version__
 """Reward version = the vlcal-verl version whose rewards module is served."""
 

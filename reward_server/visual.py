@@ -1,6 +1,6 @@
 """``/v1/visual-labels``: the batch visual label S̃_vis from per-sample VCE statistics.
 
-A trainer that runs its own masked-image forward (DESIGN.md §3) sends, per rollout, either K̄ and H̄
+A trainer that runs its own masked-image forward (docs/design.md §4) sends, per rollout, either K̄ and H̄
 over the vision span or the per-token KL_t and H_t arrays (plus the span); the server returns
 S = log(K̄ + ε) − log(H̄ + ε) and S̃_vis = sigmoid of the batch z-score of S over the samples with a span.
 S̃ is a property of the *batch*, so one request must carry the whole (global) rollout batch.

@@ -1,4 +1,4 @@
-"""Reward arithmetic by hand (DESIGN.md §2), the visual term, verl's compute_score, reference parity."""
+"""Reward arithmetic by hand (docs/design.md §3), the visual term, verl's compute_score, reference parity."""
 
 from __future__ import annotations
 

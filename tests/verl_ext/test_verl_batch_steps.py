@@ -1,4 +1,4 @@
-"""The trainer's new steps as pure functions, against hand-computed values (DESIGN.md §2-§4)."""
+"""The trainer's new steps as pure functions, against hand-computed values (docs/design.md §3-§5)."""
 
 from __future__ import annotations
 

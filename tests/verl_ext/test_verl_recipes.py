@@ -31,7 +31,7 @@ def test_recipe_passes_verl_validation(recipe):
     cfg = _compose(recipe)
     vcfg = prepare(cfg)
     assert cfg.trainer.use_v1 and cfg.trainer.v1.trainer_mode == "sync"
-    # authors' settings (DESIGN.md §5)
+    # authors' settings (docs/design.md §6)
     r, a = cfg.actor_rollout_ref.rollout, cfg.actor_rollout_ref.actor
     assert (cfg.algorithm.adv_estimator, r.n, r.temperature, cfg.data.train_batch_size) == (
         "grpo",

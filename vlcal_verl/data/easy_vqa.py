@@ -3,7 +3,7 @@
 The offline data of the demo, the tests and ``vlcal eval --bench easy-vqa``: 4,000 train / 1,000 test
 64×64 PNGs of one coloured shape, 38,575 / 9,673 questions with 13 possible answers (colours, shapes,
 yes/no). ``unanswerable=True`` swaps each image for a blank one of the same size — the "image removed"
-setting whose confidence gap DESIGN.md §8 measures.
+setting whose confidence gap docs/design.md §9 measures.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from PIL import Image
 ANSWER_KINDS = ("math", "multiple_choice", "yes_no")
 ROW_KEYS = ("data_source", "prompt", "images", "ability", "reward_model", "extra_info")
 EXTRA_KEYS = ("index", "uid", "category", "answer_kind", "question", "unanswerable")
-MIN_PIXELS = 262_144  # DESIGN.md §5: 512×512
+MIN_PIXELS = 262_144  # docs/design.md §6: 512×512
 MAX_PIXELS = 4_194_304  # 2048×2048
 
 

@@ -10,7 +10,7 @@ Sampling rule (ours, documented; the paper states only "12K from ViRL-39K"):
 2. order the rest by a seeded shuffle within each ``category`` and take a proportional (largest-remainder)
    share of ``n + val_size`` per category, so category proportions follow the source;
 3. the first ``val_size`` of a seeded shuffle of the sample is validation, the rest training.
-Images outside DESIGN.md §5's pixel bounds [262144, 4194304] are *resized* (aspect kept), not dropped,
+Images outside docs/design.md §6's pixel bounds [262144, 4194304] are *resized* (aspect kept), not dropped,
 so the sample size does not depend on image sizes.
 """
 
