@@ -60,8 +60,7 @@ def _png(path, size):
     Image.new("RGB", size, (10, 200, 10)).save(path)
 
 
-def test_vlcal_data_virl_end_to_end(tmp_path, capsys):
-    src = tmp_path / "virl"
+def _tiny_virl(src: Path) -> None:
     (src / "images").mkdir(parents=True)
     rows = []
     for i in range(12):
@@ -79,6 +78,11 @@ def test_vlcal_data_virl_end_to_end(tmp_path, capsys):
             }
         )
     (src / "39Krelease.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_vlcal_data_virl_end_to_end(tmp_path, capsys):
+    src = tmp_path / "virl"
+    _tiny_virl(src)
     out = tmp_path / "out"
     assert main(["data", "virl", "--source", str(src), "--out", str(out), "--n", "8", "--val-size", "2"]) == 0
     train, val = read_parquet(out / "train.parquet"), read_parquet(out / "val.parquet")
@@ -92,6 +96,21 @@ def test_vlcal_data_virl_end_to_end(tmp_path, capsys):
     assert MIN_PIXELS * 0.98 <= w * h <= MAX_PIXELS
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["train"] == 8 and manifest["val"] == 2 and len(manifest["sha256"]["train.parquet"]) == 64
+
+
+def test_default_out_is_where_the_recipes_read(tmp_path, capsys, monkeypatch):
+    from vlcal_verl.main import compose_recipe
+
+    src = tmp_path / "virl"
+    _tiny_virl(src)
+    monkeypatch.setenv("VLCAL_DATA_DIR", str(tmp_path / "shared"))
+    assert main(["data", "virl", "--source", str(src), "--n", "8", "--val-size", "2"]) == 0
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "qwen3_vl_8b.yaml"
+    data = compose_recipe(recipe).data
+    for split, n in (("train", 8), ("val", 2)):
+        path = tmp_path / "shared" / "vl_calibration_12k" / f"{split}.parquet"
+        assert str(data[f"{split}_files"]) == str(path)
+        assert len(read_parquet(path)) == n
 
 
 def test_missing_image_is_a_clear_error(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """``vlcal data``: training data and benchmarks as verl parquet (one schema: ``vlcal_verl.data.schema``).
 
-vlcal data virl --source PATH_OR_HUB_ID --out DIR [--n 12000] [--val-size 500] [--seed 0]
+vlcal data virl --source PATH_OR_HUB_ID [--out DIR] [--n 12000] [--val-size 500] [--seed 0]
 vlcal data bench NAME --out DIR [--source PATH] [--limit N] [--unanswerable]
 """
 
@@ -8,15 +8,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+DATA_DIR_ENV = "VLCAL_DATA_DIR"
+DATA_DIR_DEFAULT = "/shared/vlcal/data"  # the recipes' fallback: vlcal_verl/hydra_conf/vlcal_trainer.yaml
+VIRL_DATASET = "vl_calibration_12k"
+
+
+def default_virl_out() -> Path:
+    """Where the recipes read the training data: ``$VLCAL_DATA_DIR/vl_calibration_12k``."""
+    return Path(os.environ.get(DATA_DIR_ENV) or DATA_DIR_DEFAULT) / VIRL_DATASET
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="data_command", required=True)
     v = sub.add_parser("virl", help="ViRL-39K → 12K train + val parquet")
     v.add_argument("--source", default=None, help="local folder/file (parquet/JSONL + images/) or hub id")
-    v.add_argument("--out", type=Path, required=True)
+    v.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output folder (default ${DATA_DIR_ENV}/{VIRL_DATASET}, falling back to "
+        f"{DATA_DIR_DEFAULT}/{VIRL_DATASET}: where the recipes read train/val.parquet)",
+    )
     v.add_argument("--n", type=int, default=12_000)
     v.add_argument("--val-size", type=int, default=500)
     v.add_argument("--seed", type=int, default=0)
@@ -41,8 +57,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def use_prompt_template(path: Path | None) -> None:
     """Validate ``--prompt-template`` and make it this process's template (ValueError when unusable)."""
-    import os
-
     from vlcal_verl.protocol import PROMPT_TEMPLATE_ENV, load_prompt_template
 
     if path is not None:
@@ -60,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
             m = prepare_virl(
                 args.source,
-                args.out,
+                args.out if args.out is not None else default_virl_out(),
                 n=args.n,
                 val_size=args.val_size,
                 seed=args.seed,
