@@ -376,3 +376,55 @@ def test_aggregate_mean_and_std_over_runs(tmp_path, capsys):
     assert "mean ± std" in capsys.readouterr().out
     assert main(["eval", "--aggregate", str(runs[0])]) == 2
     _one_line_error(capsys, "at least two")
+
+
+def test_vce_from_model_mode_feeds_judgments(tmp_path, monkeypatch):
+    """--vce on the tiny model: generation is stubbed with protocol responses (random weights never write a
+    <vision> span), VCE itself runs on the real model; S̃_vis is normalised per benchmark and --judgments
+    then measures its agreement."""
+    import torch
+
+    from vlcal_verl.evaluation import generate
+    from vlcal_verl.evaluation.vce_eval import vce_scores
+    from vlcal_verl.vce import normalize_visual_certainty
+
+    texts = [GOOD, GOOD.replace("a red circle", "a big blue square, top left"), "no idea", TRUNCATED]
+    seen = {}
+
+    def fake_generate(model, processor, items, settings):
+        eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        out = []
+        for i in range(len(items)):
+            ids = processor.tokenizer.encode(texts[i % 4]) + ([] if i % 4 == 3 else [eos])
+            out.append(generate.Generation(texts[i % 4], len(ids), i % 4 == 3, tuple(ids)))
+        seen.update(model=model, processor=processor, items=items, gens=out)
+        return out
+
+    monkeypatch.setattr(generate, "generate_hf", fake_generate)
+    from vlcal_verl.data.easy_vqa import load_easy_vqa
+
+    uids = [it.uid for it in load_easy_vqa("test", limit=4, seed=2)]  # the items --seed 2 picks
+    judgments = tmp_path / "j.json"
+    judgments.write_text(json.dumps({uids[0]: 1, uids[1]: 0, uids[3]: 1}))
+    out = tmp_path / "rep"
+    args = ["eval", "--model", "tiny:qwen3-vl", "--bench", "easy-vqa,easy-vqa-unanswerable", "--limit", "4"]
+    assert main([*args, "--vce", "--judgments", str(judgments), "--out", str(out), "--seed", "2"]) == 0
+    recs = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    from vlcal_verl.config import VCEConfig
+
+    direct = vce_scores(
+        seen["model"],
+        seen["processor"],
+        seen["items"],
+        [g.token_ids for g in seen["gens"]],
+        cfg=VCEConfig(seed=2),
+    )
+    for r, d in zip(recs, direct, strict=True):
+        assert (r["k_bar"], r["h_bar"], r["s"]) == (d["k_bar"], d["h_bar"], d["s"])
+    assert [r["s_vis"] is None for r in recs[:4]] == [False, False, True, False]  # "no idea": no span
+    for bench in ("easy-vqa", "easy-vqa-unanswerable"):  # normalised within each benchmark
+        group = [r for r in recs if r["benchmark"] == bench and r["s"] is not None]
+        expected = normalize_visual_certainty(torch.tensor([r["s"] for r in group], dtype=torch.float64))
+        assert [r["s_vis"] for r in group] == pytest.approx(expected.tolist())
+    va = json.loads((out / "metrics.json").read_text())["visual_agreement"]
+    assert va["n"] == 3 and va["n_missing"] == 5  # 3 judged items with S̃_vis; the rest lack one or the other
