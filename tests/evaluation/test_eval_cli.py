@@ -254,7 +254,10 @@ def test_max_new_tokens_defaults(tmp_path, fake_model):
     assert (
         main([*base, "--model", "tiny:qwen3-vl", "--out", str(tmp_path / "b"), "--recipe", str(recipe)]) == 0
     )
-    assert fake_model["settings"].max_new_tokens == 96  # tiny_cpu.yaml's data.max_response_length
+    import yaml
+
+    stated = yaml.safe_load(recipe.read_text())["data"]["max_response_length"]
+    assert fake_model["settings"].max_new_tokens == stated != 4096  # the recipe's data.max_response_length
     assert main([*base, "--model", "tiny:qwen3-vl", "--out", str(tmp_path / "c")]) == 0
     assert fake_model["settings"].max_new_tokens == 48
     assert main([*base, "--model", "tiny:qwen3-vl", "--out", str(tmp_path / "d"), "--top-k", "7"]) == 0
