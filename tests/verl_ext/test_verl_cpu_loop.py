@@ -185,3 +185,34 @@ def test_two_images_equal_lengths_micro_batches_and_padded_layout(assets, two_im
     assert m["prompt_length/min"] == m["prompt_length/max"]  # one prompt, shared by the group
     assert m["vce/span_rate"] > 0 and m["vce/k_bar/mean"] > 0
     assert finite(m["actor/pg_loss"]) and finite(m["actor/grad_norm"])
+    assert "actor/perception_token_fraction" not in m and "vce/perception_token_fraction" not in m
+
+
+def test_export_checkpoint_and_eval_it(assets, tmp_path):
+    """``vlcal export`` of the checkpoint verl's loop wrote (verl's own model merger) → an HF folder with
+    the weights verl saved as ``hf_model`` beside its shards, and the processor, which ``vlcal eval`` reads."""
+    from safetensors.torch import load_file
+
+    from vlcal_verl.cli import main
+
+    ckpt = assets / "main" / "ckpt"
+    if not (ckpt / "latest_checkpointed_iteration.txt").exists():  # run alone (-k export): a 1-step run
+        _, ckpt, _ = run_verl(assets, "export", ["trainer.total_training_steps=1", "trainer.save_freq=1"])
+    step = (ckpt / "latest_checkpointed_iteration.txt").read_text().strip()
+    out = tmp_path / "hf"
+    assert main(["export", str(ckpt), str(out)]) == 0
+
+    def weights(folder: Path) -> dict:
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    exported, verl_hf = weights(out), weights(ckpt / f"global_step_{step}" / "actor" / "huggingface")
+    assert exported and set(exported) == set(verl_hf)
+    for key, value in exported.items():  # verl's merger writes bfloat16
+        assert (value == verl_hf[key].to(value.dtype)).all(), key
+    assert (out / "chat_template.jinja").is_file() and (out / "tokenizer_config.json").is_file()
+    rep = tmp_path / "rep"
+    rc = main(
+        ["eval", "--model", str(out), "--bench", "easy-vqa", "--limit", "2", "--max-new-tokens", "8",
+         "--n-boot", "0", "--out", str(rep)]
+    )  # fmt: skip
+    assert rc == 0 and json.loads((rep / "metrics.json").read_text())["overall"]["n"] == 2
