@@ -107,6 +107,73 @@ def mask_pixel_values(
     return out
 
 
+def pixel_cell_masks(
+    image_grid_thw: torch.Tensor,
+    counts: Sequence[int],
+    uids: Sequence[str | int],
+    p: float,
+    seed: int,
+    cell_px: int,
+    patch_size: int,
+) -> list[torch.Tensor]:
+    """One seeded mask per image over square cells of ``cell_px`` pixels of the *resized* image (the
+    authors' masking: 14-px squares, whatever the model's patch grid), ⌈H/c⌉ × ⌈W/c⌉ cells; the seeds
+    are those of :func:`batch_cell_masks`."""
+    if cell_px <= 0:
+        raise ValueError(f"cell_px must be > 0, got {cell_px}")
+    grids = image_grid_thw.tolist()
+    masks, i = [], 0
+    for uid, n in zip(uids, counts, strict=True):
+        for k in range(n):
+            _, h, w = grids[i]
+            gh, gw = -(-h * patch_size // cell_px), -(-w * patch_size // cell_px)
+            masks.append(cell_mask(gh, gw, p, seed, uid, k))
+            i += 1
+    return masks
+
+
+def mask_pixel_values_px(
+    pixel_values: torch.Tensor,
+    image_grid_thw: torch.Tensor,
+    masks: Sequence[torch.Tensor | None],
+    cell_px: int,
+    patch_size: int,
+    merge_size: int,
+    black: torch.Tensor,
+) -> torch.Tensor:
+    """Like :func:`mask_pixel_values` for cells of ``cell_px`` pixels that need not align with patches:
+    every *pixel* of a masked cell becomes black, inside whichever patch rows it falls."""
+    counts = image_grid_thw.prod(-1).tolist()
+    if sum(counts) != pixel_values.shape[0] or len(masks) != len(counts):
+        raise ValueError("mask_pixel_values_px: pixel_values, image_grid_thw and masks disagree")
+    ps, m = patch_size, merge_size
+    per_patch = pixel_values.shape[-1] // (ps * ps)  # channels × temporal patch
+    out = pixel_values.clone()
+    black_rows = black.to(device=out.device, dtype=out.dtype).reshape(per_patch, ps * ps)
+    start = 0
+    for (t, h, w), mask, n in zip(image_grid_thw.tolist(), masks, counts, strict=True):
+        if mask is not None:
+            px = mask.repeat_interleave(cell_px, 0)[: h * ps].repeat_interleave(cell_px, 1)[:, : w * ps]
+            # pixel (y, x) with y = (hb·m + hm)·P + py → row (hb, wb, hm, wm), element (py, px)
+            rows = px.reshape(h // m, m, ps, w // m, m, ps).permute(0, 3, 1, 4, 2, 5).reshape(h * w, ps * ps)
+            rows = rows.repeat(t, 1).to(out.device)  # rows are (t, h/m, w/m, m, m)
+            block = out[start : start + n].reshape(n, per_patch, ps * ps)
+            keep = ~rows.unsqueeze(1)
+            out[start : start + n] = torch.where(keep, block, black_rows.unsqueeze(0)).reshape(n, -1)
+        start += n
+    return out
+
+
+def mask_pil_image_px(image: Any, mask: torch.Tensor, cell_px: int) -> Any:
+    """Black out ``cell_px``-pixel squares of a PIL image (cell (i, j) → pixels i·c..(i+1)·c)."""
+    from PIL import Image
+
+    arr = np.array(image.convert("RGB"))
+    for i, j in mask.nonzero().tolist():
+        arr[i * cell_px : (i + 1) * cell_px, j * cell_px : (j + 1) * cell_px] = 0
+    return Image.fromarray(arr)
+
+
 def images_per_sample(
     input_ids: torch.Tensor, image_grid_thw: torch.Tensor, image_token_id: int, merge_size: int
 ) -> list[int]:

@@ -106,3 +106,39 @@ def test_mask_pil_image_blacks_whole_cells():
     img = Image.new("RGB", (64, 32), (200, 100, 50))
     out = np.array(mask_pil_image(img, torch.tensor([[True, False]])))
     assert (out[:, :32] == 0).all() and (out[:, 32:] == [200, 100, 50]).all()
+
+
+@pytest.mark.parametrize(
+    "family,cell", [("qwen3-vl", 14), ("qwen3-vl", 32), ("qwen2.5-vl", 14), ("qwen2.5-vl", 9)]
+)
+def test_pixel_cells_match_pil_masking_of_the_resized_image(tiny_vlms, family, cell):
+    """The authors' masking (cell_px-pixel squares of the resized image, not aligned with patches) on
+    pixel_values rows equals blacking the squares on the PIL image and running the processor."""
+    from vlcal_verl.vce_mask import mask_pil_image_px, mask_pixel_values_px, pixel_cell_masks
+
+    _, processor = tiny_vlms[family]
+    ip = processor.image_processor
+    factor = ip.patch_size * ip.merge_size
+    imgs = [_image(3 * factor, 2 * factor, seed=4), _image(2 * factor, 2 * factor, seed=5)]  # already resized
+    enc = ip(images=imgs, return_tensors="pt")
+    masks = pixel_cell_masks(enc["image_grid_thw"], [2], ["s"], 0.5, 7, cell, ip.patch_size)
+    assert tuple(masks[0].shape) == (-(-2 * factor // cell), -(-3 * factor // cell))
+    rows = mask_pixel_values_px(
+        enc["pixel_values"],
+        enc["image_grid_thw"],
+        masks,
+        cell,
+        ip.patch_size,
+        ip.merge_size,
+        black_row_for(processor),
+    )
+    via_pil = ip(
+        images=[mask_pil_image_px(im, m, cell) for im, m in zip(imgs, masks, strict=True)],
+        return_tensors="pt",
+    )
+    assert torch.allclose(rows, via_pil["pixel_values"], atol=1e-5)
+    if cell == factor:  # a cell the size of a merged cell is the merged-cell masking
+        merged = mask_pixel_values(
+            enc["pixel_values"], enc["image_grid_thw"], masks, ip.merge_size, black_row_for(processor)
+        )
+        assert torch.equal(rows, merged)
