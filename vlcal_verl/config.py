@@ -7,7 +7,9 @@ Defaults are the authors' (docs/design.md §3-§6).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 ProtocolName = Literal["decoupled", "rlcr"]
@@ -15,6 +17,8 @@ KLEstimator = Literal["exact", "k3", "reference"]
 VCEScope = Literal["truncated", "full"]
 VCESignal = Literal["both", "kl", "entropy"]
 TARScope = Literal["vision_span", "response"]
+TokenEntropy = Literal["distribution", "nll"]
+TARKL = Literal["vce", "k3_clamped"]
 
 
 @dataclass
@@ -30,7 +34,9 @@ class RewardConfig:
     protocol: ProtocolName = "decoupled"
     """'decoupled' (c_v and c_r) or 'rlcr' (one confidence, the baseline)."""
     reference_parity: bool = False
-    """Reproduce the authors' decouple reward exactly (their stricter parsing)."""
+    """Score exactly as the authors' released reward functions do: their decouple reward for
+    ``protocol='decoupled'``, their RLCR reward (confidence (c/10)^1.3, missing → 0.5, whole-layout format)
+    for ``protocol='rlcr'``."""
     grading_timeout_s: float = 5.0
     """Per-answer grading timeout; a timeout is graded incorrect with status 'timeout'."""
 
@@ -42,15 +48,25 @@ class VCEConfig:
     enabled: bool = True
     """Run VCE and add the visual reward term."""
     mask_prob: float = 0.8
-    """Probability p that a merged-patch cell is blacked out."""
+    """Probability p that a cell is blacked out."""
+    mask_cell_px: int = 0
+    """Cell size: 0 = the model's merged-patch grid (one cell = one LLM image token: 32 px on Qwen3-VL);
+    N > 0 = N-pixel squares of the resized image (the authors used 14, Qwen2.5-VL's patch size)."""
     seed: int = 0
     """Base seed; masks are seeded by (seed, uid, image index)."""
     estimator: KLEstimator = "exact"
-    """'exact' full-vocab KL(p_orig‖p_masked), 'k3' e^d−d−1, or the authors' 'reference'."""
+    """'exact' full-vocab KL(p_orig‖p_masked), 'k3' e^d−d−1, or the authors' 'reference'
+    p(y)·clamp(log p − log p_masked, ±20) in [0, 10]. 'k3' and 'reference' read the sampled token only."""
+    entropy: TokenEntropy = "distribution"
+    """H_t in S = log K̄ − log H̄: the entropy of p_orig ('distribution', the paper's text) or the sampled
+    token's NLL −log p_orig(y_t) ('nll', the authors' code)."""
     scope: VCEScope = "truncated"
     """'truncated' stops the masked forward at the vision span's end; 'full' runs the whole response."""
     signal: VCESignal = "both"
     """S = log K̄ − log H̄ ('both'), log K̄ only ('kl'), or −log H̄ only ('entropy') — the paper's ablations."""
+    fused: bool = True
+    """Run VCE inside verl's old-log-prob pass (its original forward is VCE's; one masked forward per
+    micro-batch). False: a separate ``compute_vce`` call after it (original + masked forward)."""
     vocab_chunk_tokens: int = 256
     """Tokens per chunk when computing exact KL over the full vocabulary."""
     eps: float = 1e-8
@@ -69,19 +85,73 @@ class TARConfig:
     """Weight for the least visually certain tokens (larger penalty)."""
     scope: TARScope = "vision_span"
     """Z-score s_t over the vision span (default) or the whole response (authors; needs VCE scope 'full')."""
+    kl: TARKL = "vce"
+    """KL_t of s_t: VCE's KL_t ('vce') or the authors' clamp(e^d − d − 1, 0, 10) with
+    d = clamp(log p_masked(y_t) − log p_old(y_t), ±20) ('k3_clamped')."""
+    entropy: TokenEntropy = "distribution"
+    """H_t of s_t: entropy of p_old ('distribution') or −log p_old(y_t) ('nll', the authors')."""
     eps: float = 1e-8
     """ε in s_t = log(KL_t + ε) − log(H_t + ε)."""
+
+
+@dataclass
+class PerceptionConfig:
+    """The authors' perception-token loss filter: per response, only the ⌈top_fraction·n⌉ tokens with
+    the largest clamped k3 KL between the original and the masked image get the policy-gradient loss
+    (the KL-to-reference loss still covers every token). Needs ``vce.scope='full'``."""
+
+    enabled: bool = False
+    """Apply the filter (the authors' released run: on)."""
+    top_fraction: float = 0.2
+    """Fraction of each response's tokens kept for the policy-gradient loss (rounded up)."""
 
 
 def _cast(cls: type, section: str, name: str, value: Any) -> Any:
     """YAML 1.1 reads ``1e-3`` as a string: cast strings for float/int fields, naming the field on error."""
     default = cls.__dataclass_fields__[name].default
     if isinstance(value, str) and isinstance(default, int | float) and not isinstance(default, bool):
+        if value.strip().lower().lstrip("+-") in (".nan", ".inf", "nan", "inf", "infinity"):
+            raise ValueError(f"vlcal.{section}.{name} must be a finite number, got {value!r}")
         try:
             return type(default)(float(value)) if isinstance(default, float) else int(value)
         except ValueError:
             raise ValueError(f"vlcal.{section}.{name} must be a number, got {value!r}") from None
     return value
+
+
+_SECTION_NAMES = {
+    "RewardConfig": "reward",
+    "VCEConfig": "vce",
+    "TARConfig": "tar",
+    "PerceptionConfig": "perception",
+}
+
+
+def _check_field_types(section: Any) -> None:
+    """Every field has its declared type: Literal choices, finite numbers, real booleans.
+
+    Dataclasses do not check types, and OmegaConf passes a ``Literal`` or a ``.nan`` through, so
+    ``tar.scope: vision-span`` or ``w_brier: .nan`` would otherwise run with a silently wrong meaning.
+    """
+    name = _SECTION_NAMES.get(type(section).__name__, type(section).__name__)
+    hints = typing.get_type_hints(type(section))
+    for f in fields(section):
+        value, hint = getattr(section, f.name), hints[f.name]
+        where = f"vlcal.{name}.{f.name}"
+        if typing.get_origin(hint) is Literal:
+            choices = typing.get_args(hint)
+            if value not in choices:
+                raise ValueError(f"{where} must be one of {list(choices)}, got {value!r}")
+        elif hint is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{where} must be true or false, got {value!r}")
+        elif hint in (int, float):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{where} must be a number, got {value!r}")
+            if hint is int and not float(value).is_integer():
+                raise ValueError(f"{where} must be an integer, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{where} must be a finite number, got {value!r}")
 
 
 @dataclass
@@ -91,12 +161,19 @@ class VLCalConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     vce: VCEConfig = field(default_factory=VCEConfig)
     tar: TARConfig = field(default_factory=TARConfig)
+    perception: PerceptionConfig = field(default_factory=PerceptionConfig)
+    variant: str = "exact"
+    """Name of the preset the ``variant`` config group applied ('authors' or 'exact'); names runs."""
+    ablation: str = "full"
+    """Name of the paper row the ``ablation`` config group applied; names runs."""
     reward_server_url: str | None = None
     """When set, per-sample rewards come from this reward server instead of in-process scoring."""
 
     def validate(self) -> VLCalConfig:
         """Raise ValueError naming the field when a combination is invalid; return self."""
-        r, v, t = self.reward, self.vce, self.tar
+        r, v, t, pc = self.reward, self.vce, self.tar, self.perception
+        for section in (r, v, t, pc):
+            _check_field_types(section)
         if not 0.0 <= v.mask_prob <= 1.0:
             raise ValueError(f"vlcal.vce.mask_prob must be in [0, 1], got {v.mask_prob}")
         if t.w_min > t.w_max:
@@ -109,6 +186,22 @@ class VLCalConfig:
             raise ValueError(
                 "vlcal.reward.protocol='rlcr' has no visual confidence: disable vce and set w_vis=0"
             )
+        if pc.enabled and not v.enabled:
+            raise ValueError(
+                "vlcal.perception.enabled needs vlcal.vce.enabled (it ranks tokens by the masked KL)"
+            )
+        if pc.enabled and v.scope != "full":
+            raise ValueError(
+                "vlcal.perception.enabled needs vlcal.vce.scope='full' (masked log-probs of every response token)"
+            )
+        if not 0.0 < pc.top_fraction <= 1.0:
+            raise ValueError(f"vlcal.perception.top_fraction must be in (0, 1], got {pc.top_fraction}")
+        if t.enabled and t.kl == "k3_clamped" and t.scope == "response" and v.scope != "full":
+            raise ValueError("vlcal.tar.kl='k3_clamped' over the response needs vlcal.vce.scope='full'")
+        if v.mask_cell_px < 0:
+            raise ValueError(
+                f"vlcal.vce.mask_cell_px must be >= 0 (0 = merged-patch grid), got {v.mask_cell_px}"
+            )
         if v.vocab_chunk_tokens <= 0:
             raise ValueError(f"vlcal.vce.vocab_chunk_tokens must be > 0, got {v.vocab_chunk_tokens}")
         return self
@@ -120,7 +213,7 @@ class VLCalConfig:
     def from_dict(cls, d: dict[str, Any] | None) -> VLCalConfig:
         """Build from a plain dict (e.g. ``OmegaConf.to_container(cfg.vlcal)``), rejecting unknown keys."""
         d = dict(d or {})
-        parts = {"reward": RewardConfig, "vce": VCEConfig, "tar": TARConfig}
+        parts = {"reward": RewardConfig, "vce": VCEConfig, "tar": TARConfig, "perception": PerceptionConfig}
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
             if key in parts:

@@ -31,7 +31,14 @@ from typing import Any
 import torch
 
 from vlcal_verl.config import VCEConfig
-from vlcal_verl.vce_mask import batch_cell_masks, black_row_for, images_per_sample, mask_pixel_values
+from vlcal_verl.vce_mask import (
+    batch_cell_masks,
+    black_row_for,
+    images_per_sample,
+    mask_pixel_values,
+    mask_pixel_values_px,
+    pixel_cell_masks,
+)
 
 Span = tuple[int, int] | None
 ESTIMATORS = ("exact", "k3", "reference")
@@ -285,8 +292,14 @@ def compute_vce_signals(
     if uids is None or len(uids) != bsz:
         raise ValueError(f"batch['uid'] must hold one uid per sample ({bsz}) to seed the masks")
     counts = images_per_sample(ids, batch["image_grid_thw"], model.config.image_token_id, merge)
-    masks = batch_cell_masks(batch["image_grid_thw"], counts, list(uids), cfg.mask_prob, cfg.seed, merge)
-    masked_pv = mask_pixel_values(batch["pixel_values"], batch["image_grid_thw"], masks, merge, black)
+    grid = batch["image_grid_thw"]
+    if cfg.mask_cell_px:
+        c, ps = cfg.mask_cell_px, int(vcfg.patch_size)
+        masks = pixel_cell_masks(grid, counts, list(uids), cfg.mask_prob, cfg.seed, c, ps)
+        masked_pv = mask_pixel_values_px(batch["pixel_values"], grid, masks, c, ps, merge, black)
+    else:
+        masks = batch_cell_masks(grid, counts, list(uids), cfg.mask_prob, cfg.seed, merge)
+        masked_pv = mask_pixel_values(batch["pixel_values"], grid, masks, merge, black)
 
     dev = ids.device
     cols = (prompt_len + t_idx - 1).to(dev)

@@ -10,6 +10,7 @@ returns a new ``KVBatchMeta`` that lists the fields written so far.
 from __future__ import annotations
 
 import math
+import typing
 
 import pytest
 import torch
@@ -55,7 +56,8 @@ def Meta(keys, tags, partition_id="train"):
 
 
 class FakeActorWG:
-    """compute_vce: constant KL_t / H_t per sample over the whole response (written to the store)."""
+    """compute_vce: constant KL_t / H_t per sample over the whole response (written to the store; H_t
+    stands for verl's ``entropy`` of the old-log-prob pass, which the exact variant reads)."""
 
     def __init__(self, tq, values):
         self.tq, self.values, self.seen = tq, values, []
@@ -69,6 +71,9 @@ class FakeActorWG:
             kl, h = self.values[k]
             self.tq.store[k]["vce_kl"] = torch.full((n,), kl)
             self.tq.store[k]["vce_entropy"] = torch.full((n,), h)
+            self.tq.store[k]["entropy"] = torch.full((n,), h)
+            self.tq.store[k]["vce_masked_logp"] = torch.zeros(n)
+            self.tq.store[k].setdefault("old_log_probs", torch.zeros(n))
         return batch
 
 
@@ -145,6 +150,17 @@ def test_visual_reward_hook_hand_computed(monkeypatch):
     assert metrics["vce/span_rate"] == pytest.approx(2 / 3) and metrics["vce/time_s"] >= 0
 
 
+def _with_signal_fields(store):
+    for row in store.values():  # exact variant: KL_t from vce_kl, H_t = verl's entropy
+        n = row["advantages"].shape[0]
+        row |= {
+            "entropy": row["vce_entropy"],
+            "old_log_probs": torch.zeros(n),
+            "vce_masked_logp": torch.zeros(n),
+        }
+    return store
+
+
 def test_tar_hook_hand_computed(monkeypatch):
     t, fake = _trainer(monkeypatch, VLCalConfig())
     e = math.e
@@ -171,6 +187,7 @@ def test_tar_hook_hand_computed(monkeypatch):
             "vce_entropy": torch.ones(2),
         },
     }
+    _with_signal_fields(fake.store)
     metrics = {}
     t._vlcal_tar(Meta(keys=["x", "y", "pad"], tags=[{}, {}, {"is_padding": True}]), metrics)
     z = 1 / math.sqrt(2)  # s = (1, 0) on the span → Bessel z = ±1/√2
@@ -179,6 +196,90 @@ def test_tar_hook_hand_computed(monkeypatch):
     assert fake.store["y"]["advantages"].tolist() == [0.5, 0.5]
     assert fake.store["pad"]["advantages"].tolist() == [-1.0, -1.0]
     assert metrics["tar/weight_mean"] == pytest.approx((w0 + w1) / 2, abs=1e-6)
+
+
+AUTHORS = VLCalConfig.from_dict(
+    {
+        "variant": "authors",
+        "reward": {"reference_parity": True},
+        "vce": {"estimator": "reference", "entropy": "nll", "scope": "full"},
+        "tar": {"scope": "response", "kl": "k3_clamped", "entropy": "nll"},
+        "perception": {"enabled": True, "top_fraction": 0.2},
+    }
+)
+
+
+def test_authors_variant_hooks_hand_computed(monkeypatch):
+    """Sampled-token signals from verl's old log-probs and VCE's masked log-probs; S with the NLL; the
+    perception mask of each response; TAR with clamped k3, NLL and the unbiased std over the response."""
+    t, fake = _trainer(monkeypatch, AUTHORS)
+    old = {
+        k: -0.5 * torch.ones(len(t.tokenizer(v, add_special_tokens=False)["input_ids"]))
+        for k, v in RESPONSES.items()
+    }
+    for k, text in RESPONSES.items():
+        ids = torch.tensor(t.tokenizer(text, add_special_tokens=False)["input_ids"])
+        rm = torch.zeros(len(ids))
+        rm[-1] = 1.0
+        fake.store[k] = {
+            "responses": ids,
+            "response_mask": torch.ones(len(ids), dtype=torch.long),
+            "rm_scores": rm,
+            "old_log_probs": old[k],
+            "extra_fields": {"reward_extra_info": {"vision_confidence": 0.5}},
+        }
+
+    class MaskedWG:  # log p_masked = old − d_t with d_t = 0.1·t (t = token index): later tokens moved more
+        seen: typing.ClassVar[list] = []
+
+        def compute_vce(self, batch):
+            self.seen.append(dict(batch.extra_info))
+            for k in batch.keys:
+                n = fake.store[k]["responses"].shape[0]
+                fake.store[k]["vce_masked_logp"] = old[k] - 0.1 * torch.arange(n)
+            return batch
+
+    t.actor_rollout_wg = MaskedWG()
+    metrics = {}
+    meta = t._vlcal_visual_reward(
+        Meta(keys=list(RESPONSES), tags=[{}, {}, {}, {"is_padding": True}]), metrics
+    )
+    assert "vce_kl" not in fake.store["a_0_0"]  # nothing asked for the full-vocabulary KL
+
+    # K_t (reference) = p_old·clamp(log p_old − log p_masked) = e^-0.5 · 0.1·t; H_t = 0.5
+    s_of = {}
+    for k in ("a_0_0", "a_1_0"):
+        s0, e0 = fake.store[k][SPAN_FIELD].tolist()
+        k_bar = sum(math.exp(-0.5) * 0.1 * i for i in range(s0, e0)) / (e0 - s0)
+        s_of[k] = math.log(k_bar + 1e-8) - math.log(0.5 + 1e-8)
+    mu = (s_of["a_0_0"] + s_of["a_1_0"]) / 2
+    sd = abs(s_of["a_0_0"] - mu)  # population std of two values
+    want = 1.0 - 0.4 * (0.5 - sig((s_of["a_0_0"] - mu) / sd)) ** 2
+    assert fake.store["a_0_0"]["rm_scores"][-1].item() == pytest.approx(want, abs=1e-5)
+
+    # perception mask: the last ⌈0.2·n⌉ tokens (largest d_t), none on the padding row
+    for k in RESPONSES:
+        mask = fake.store[k]["vlcal_perception_mask"]
+        n = mask.shape[0]
+        k_keep = math.ceil(0.2 * n)
+        expect = [0.0] * (n - k_keep) + [1.0] * k_keep if k != "pad" else [0.0] * n
+        assert mask.tolist() == expect, k
+    assert "vlcal_perception_mask" in meta.fields  # the actor's update will fetch it
+
+    # TAR: s_t = log(k3_clamped(d_t)) − log(0.5), z over the whole response (Bessel), applied on the span
+    adv = {k: -torch.ones(len(old[k])) for k in RESPONSES}
+    for k in RESPONSES:
+        fake.store[k]["advantages"] = adv[k]
+    t._vlcal_tar(Meta(keys=list(RESPONSES), tags=[{}, {}, {}, {"is_padding": True}]), {})
+    row = fake.store["a_0_0"]
+    n = len(old["a_0_0"])
+    st = [math.log(math.exp(-0.1 * i) + 0.1 * i - 1 + 1e-8) - math.log(0.5 + 1e-8) for i in range(n)]
+    m = sum(st) / n
+    sd = math.sqrt(sum((x - m) ** 2 for x in st) / (n - 1))
+    s0, e0 = row[SPAN_FIELD].tolist()
+    for i in range(n):
+        w = 1.1 - 0.2 * sig((st[i] - m) / sd) if s0 <= i < e0 else 1.0
+        assert row["advantages"][i].item() == pytest.approx(-w, abs=1e-5), i
 
 
 def test_calibration_metrics_hook(monkeypatch):

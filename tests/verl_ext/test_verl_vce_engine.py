@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +19,6 @@ import torch.distributed as dist
 from tensordict import NonTensorStack, TensorDict
 from verl.utils import tensordict_utils as tu
 from verl.workers.engine.fsdp import transformer_impl
-from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
 from vlcal_verl.config import VCEConfig
 from vlcal_verl.vce_mask import batch_cell_masks, black_row_for, mask_pixel_values
@@ -44,8 +44,8 @@ def test_vce_lengths_hand_computed():
     spans = torch.tensor([[2, 5], [-1, -1], [0, 20]])
     lens, t0, t1 = vce_lengths(p, r, spans, "truncated")
     assert lens.tolist() == [14, 10, 17] and t0.tolist() == [2, 0, 0] and t1.tolist() == [5, 0, 8]
-    lens, t0, t1 = vce_lengths(p, r, spans, "full")
-    assert lens.tolist() == [18, 10, 18] and t0.tolist() == [0, 0, 0] and t1.tolist() == [8, 0, 8]
+    lens, t0, t1 = vce_lengths(p, r, spans, "full")  # every response, span or not (perception filter)
+    assert lens.tolist() == [18, 18, 18] and t0.tolist() == [0, 0, 0] and t1.tolist() == [8, 8, 8]
 
 
 def test_target_rows_both_layouts():
@@ -83,11 +83,9 @@ def _verl_batch(model, proc):
 
 
 def _engine(model):
-    eng = object.__new__(FSDPEngineWithLMHead)
-    eng.module, eng.pad_to_length, eng.use_ulysses_sp = model, False, False
-    eng.ulysses_sequence_parallel_size, eng._autocast_dtype = 1, torch.float32
-    eng.get_data_parallel_group = lambda: None
-    return eng
+    from vlcal_verl.verl_ext.check import bare_engine
+
+    return bare_engine(model)
 
 
 @pytest.fixture(scope="module")
@@ -119,13 +117,16 @@ def _run(model, proc, data, spans, cfg, monkeypatch):
     return out
 
 
-def _brute_force(model, proc, rows, spans, cfg):
-    """KL(p_o ‖ p_m) and H(p_o) in float64 from full logits, at every span token."""
+def _brute_force(model, proc, rows, spans, cfg, whole_response=False):
+    """KL(p_o ‖ p_m), H(p_o) and log p_m(y_t) in float64 from full logits, at every span token (or, with
+    ``whole_response``, every response token of every sample)."""
     black = black_row_for(proc)
-    exp_kl, exp_h = [], []
+    exp_kl, exp_h, exp_lpm = [], [], []
     for i, (r, (s, e)) in enumerate(zip(rows, spans.tolist(), strict=True)):
         n = len(r["responses"])
-        kl_row, h_row = torch.zeros(n), torch.zeros(n)
+        kl_row, h_row, lpm_row = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+        if whole_response:
+            s, e = 0, n
         if s >= 0:
             mm = r["mm"]
             masks = batch_cell_masks(
@@ -145,9 +146,11 @@ def _brute_force(model, proc, rows, spans, cfg):
                 lpo, lpm = lo[p + t - 1].log_softmax(-1), lm[p + t - 1].log_softmax(-1)
                 kl_row[t] = float((lpo.exp() * (lpo - lpm)).sum())
                 h_row[t] = float(-(lpo.exp() * lpo).sum())
+                lpm_row[t] = float(lpm[r["responses"][t]])
         exp_kl.append(kl_row)
         exp_h.append(h_row)
-    return exp_kl, exp_h
+        exp_lpm.append(lpm_row)
+    return exp_kl, exp_h, exp_lpm
 
 
 def mask_ids_of_row(i):
@@ -160,11 +163,12 @@ def test_masked_pass_through_verl_engine_matches_brute_force(tiny, gloo, monkeyp
     assert spans[0, 0] >= 0 and spans[1, 0] >= 0 and spans[2, 0] == -1
     cfg = VCEConfig(scope="truncated", vocab_chunk_tokens=2)
     out = _run(model, proc, data, spans, cfg, monkeypatch)
-    exp_kl, exp_h = _brute_force(model, proc, rows, spans, cfg)
+    exp_kl, exp_h, exp_lpm = _brute_force(model, proc, rows, spans, cfg)
     for i, (kl, h) in enumerate(zip(out["vce_kl"].unbind(), out["vce_entropy"].unbind(), strict=True)):
         assert kl.shape == exp_kl[i].shape
         torch.testing.assert_close(kl, exp_kl[i], atol=2e-4, rtol=1e-3)
         torch.testing.assert_close(h, exp_h[i], atol=2e-4, rtol=1e-3)
+        torch.testing.assert_close(out["vce_masked_logp"].unbind()[i], exp_lpm[i], atol=2e-4, rtol=1e-3)
     assert float(out["vce_kl"].unbind()[0].sum()) > 0  # the mask changes the prediction
 
     full = _run(model, proc, data, spans, VCEConfig(scope="full"), monkeypatch)
@@ -174,6 +178,30 @@ def test_masked_pass_through_verl_engine_matches_brute_force(tiny, gloo, monkeyp
                 full["vce_kl"].unbind()[i][s:e], out["vce_kl"].unbind()[i][s:e], atol=1e-5, rtol=1e-4
             )
     assert float(full["vce_kl"].unbind()[0][spans[0, 1] :].abs().sum()) > 0  # 'full' also fills the tail
+
+
+def test_sampled_estimators_run_only_the_masked_forward(tiny, gloo, monkeypatch):
+    """The authors' variant: no original forward; log p_masked(y_t) of every response token of every
+    sample (the one without a span too) equals the brute-force masked log-softmax."""
+    model, proc = tiny
+    data, rows, spans = _verl_batch(model, proc)
+    cfg = VCEConfig(scope="full", estimator="reference", entropy="nll", vocab_chunk_tokens=3)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        out = _run(model, proc, data, spans, cfg, monkeypatch)
+        n_sampled = len(calls)
+        _run(model, proc, data, spans, VCEConfig(scope="full"), monkeypatch)
+    finally:
+        hook.remove()
+    assert "vce_kl" not in out and "vce_entropy" not in out
+    assert (
+        len(calls) - n_sampled == 2 * n_sampled
+    )  # exact: original + masked per micro-batch; here masked only
+    _, _, exp_lpm = _brute_force(model, proc, rows, spans, cfg, whole_response=True)
+    for got, want in zip(out["vce_masked_logp"].unbind(), exp_lpm, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-3)
+        assert bool((got < 0).all())
 
 
 def test_compute_vce_method_is_registered_like_compute_log_prob():
@@ -195,7 +223,7 @@ def test_compute_vce_worker_method_end_to_end(tiny, gloo, monkeypatch):
     data["vlcal_vision_span"] = spans
     tu.assign_non_tensor(
         data,
-        vlcal_vce={"scope": "truncated", "estimator": "k3"},
+        vlcal_vce={"scope": "truncated", "estimator": "exact"},
         temperature=1.0,
         use_remove_padding=False,
         use_dynamic_bsz=False,
@@ -215,3 +243,62 @@ def test_compute_vce_worker_method_end_to_end(tiny, gloo, monkeypatch):
     s, e = spans[0].tolist()
     assert bool((kl[0][s:e] >= 0).all()) and float(kl[0][s:e].sum()) > 0
     assert float(kl[0][:s].abs().sum()) == 0 and float(kl[2].abs().sum()) == 0
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        VCEConfig(
+            scope="truncated", vocab_chunk_tokens=2
+        ),  # exact: the original logits come from verl's pass
+        VCEConfig(scope="full", estimator="reference", entropy="nll"),  # the authors': masked forward only
+    ],
+    ids=["exact-truncated", "authors-full"],
+)
+@pytest.mark.parametrize("remove_padding", [False, True], ids=["padded", "packed"])
+def test_fused_pass_equals_the_separate_call_and_keeps_verls_outputs(
+    tiny, gloo, monkeypatch, cfg, remove_padding
+):
+    """One verl ``infer_batch`` (old log-probs + entropy) with VCE fused in: verl's fields are those of the
+    plain pass, and KL_t / H_t / log p_masked equal the separate ``compute_vce`` path's to 1e-6 (fp32)."""
+    from vlcal_verl.verl_ext.vce_fused import add_vce_targets, fused_forward_installed
+
+    model, proc = tiny
+    data, _, spans = _verl_batch(model, proc)
+    separate = _run(model, proc, data, spans, cfg, monkeypatch)
+    monkeypatch.setattr(transformer_impl, "get_device_name", lambda: "cpu")  # verl's own step, on the CPU
+
+    def verl_pass(batch, fused):
+        batch = batch.clone(recurse=False)
+        tu.assign_non_tensor(
+            batch, use_remove_padding=remove_padding, use_dynamic_bsz=True, temperature=1.0,
+            calculate_entropy=True, max_token_len_per_gpu=int(batch["input_ids"].offsets().diff().max()) + 1,
+        )  # fmt: skip
+        eng = _engine(model)
+        if fused:
+            add_vce_targets(batch, spans, cfg, mask_ids_of(batch))
+        calls = []
+        hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
+        try:
+            ctx = (
+                fused_forward_installed(eng, cfg, black_row_for(proc), 2, device="cpu")
+                if fused
+                else nullcontext()
+            )
+            with ctx:
+                out = eng.infer_batch(batch, loss_function=None)["model_output"]
+        finally:
+            hook.remove()
+        assert "forward_step" not in vars(eng)
+        return out, len(calls)
+
+    plain, n_plain = verl_pass(data, fused=False)
+    fused, n_forwards = verl_pass(data, fused=True)
+    assert n_forwards == 2 * n_plain  # per micro-batch: verl's forward + one masked forward, never a third
+    for key in ("log_probs", "entropy"):
+        for a, b in zip(fused[key].unbind(), plain[key].unbind(), strict=True):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    keys = ["vce_masked_logp"] + (["vce_kl", "vce_entropy"] if cfg.estimator == "exact" else [])
+    for key in keys:
+        for a, b in zip(fused[key].unbind(), separate[key].unbind(), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

@@ -72,6 +72,26 @@ def tiny_verl_batch(
     return data, rows, torch.tensor([list(s) if s else [-1, -1] for s in spans]), mask_ids
 
 
+def bare_engine(model: Any, autocast_dtype: torch.dtype = torch.float32) -> Any:
+    """verl's ``FSDPEngineWithLMHead`` around an unwrapped module on one rank: verl's own micro-batching,
+    ``prepare_model_inputs``, ``forward_step`` and ``prepare_model_outputs`` without building FSDP (the
+    tests' and the benchmark's engine). Set what ``__init__`` would (no torch.compile)."""
+    from types import SimpleNamespace
+
+    from verl.utils import torch_functional as verl_F
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    eng = object.__new__(FSDPEngineWithLMHead)
+    eng.module, eng.pad_to_length, eng.use_ulysses_sp = model, False, False
+    eng.ulysses_sequence_parallel_size, eng._autocast_dtype = 1, autocast_dtype
+    eng.get_data_parallel_group = lambda: None
+    eng.engine_config = SimpleNamespace(
+        entropy_checkpointing=False, entropy_from_logits_with_chunking=False, entropy_from_logits_chunk_size=2048
+    )
+    eng.compute_entropy_from_logits = verl_F.entropy_from_logits
+    return eng
+
+
 def run_engine_vce(
     engine: Any,
     processor: Any,

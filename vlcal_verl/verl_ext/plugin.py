@@ -7,7 +7,8 @@ registers on import, and :func:`register` is idempotent (our task runner calls i
 loudly if something is wrong).
 
 What is registered: with ``VERL_PLATFORM=cpu``, first the CPU backend
-(:mod:`vlcal_verl.verl_ext.cpu_backend`: platform, FSDP engine on cpu, HF rollout); always ``VLCalTrainer`` as verl V1 trainer ``"vlcal"`` (``get_trainer_cls("vlcal")``). It does
+(:mod:`vlcal_verl.verl_ext.cpu_backend`: platform, FSDP engine on cpu, HF rollout); always ``VLCalTrainer`` as verl V1 trainer ``"vlcal"`` (``get_trainer_cls("vlcal")``) and the
+perception filter's policy loss ``"vlcal_perception"`` (``core_algos.register_policy_loss``). It does
 *not* replace verl's ``"sync"`` trainer, so a plain ``python -m verl.trainer.main_ppo`` in the same
 environment is unaffected. Ray workers need nothing else: the worker class travels by reference
 (``vlcal_verl.verl_ext.worker``) and is importable wherever the runtime env ships this package.
@@ -32,8 +33,10 @@ def register() -> str:
     _register_cpu_backend_if_requested()
     from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
 
+    from vlcal_verl.verl_ext.perception import register_perception_loss
     from vlcal_verl.verl_ext.trainer import VLCalTrainer
 
+    register_perception_loss()
     if TRAINER_REGISTRY.get(TRAINER_NAME) is not VLCalTrainer:
         register_trainer(TRAINER_NAME)(VLCalTrainer)
     return TRAINER_NAME

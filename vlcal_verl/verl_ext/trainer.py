@@ -8,6 +8,8 @@ It subclasses :class:`verl.trainer.ppo.v1.PPOTrainerSync` and overrides step hoo
 - ``_compute_old_log_prob``: after verl's old log-probs, log calibration metrics from the reward
   components, then (VCE on) find the vision spans on the response ids, run ``compute_vce`` on the actor
   mesh, compute S̃_vis over the global batch and add w_vis·(−(c_v − S̃_vis)²) to ``rm_scores``;
+  With the perception filter on, also write each response's kept-token mask (``vlcal_perception_mask``),
+  which the actor's loss reads (:mod:`vlcal_verl.verl_ext.perception`);
 - ``_compute_advantage``: after verl's GRPO advantages, apply TAR.
 
 The rollout batch lives in TransferQueue; the methods here only move fields in and out of it and call
@@ -33,6 +35,7 @@ from verl.workers.utils.padding import response_to_nested
 
 from vlcal_verl.config import VLCalConfig
 from vlcal_verl.spans import vision_token_spans
+from vlcal_verl.token_signals import k3_clamped, perception_mask, tar_token_signals, vce_token_signals
 from vlcal_verl.verl_ext.batch import (
     calibration_step_metrics,
     span_mask_from_tensor,
@@ -41,10 +44,13 @@ from vlcal_verl.verl_ext.batch import (
     visual_reward_step,
 )
 from vlcal_verl.verl_ext.nested import dense_rows
-from vlcal_verl.verl_ext.vce_engine import SPAN_FIELD
+from vlcal_verl.verl_ext.perception import PERCEPTION_FIELD
+from vlcal_verl.verl_ext.vce_engine import SPAN_FIELD, needs_original_forward
 
-VCE_FIELDS = ("vce_kl", "vce_entropy")
-"""TransferQueue fields written by ``compute_vce``: per-token KL_t and H_t, response-aligned."""
+MASKED_LOGP_FIELD = "vce_masked_logp"
+EXACT_FIELDS = ("vce_kl", "vce_entropy")
+"""TransferQueue fields written by ``compute_vce``, response-aligned: log p_masked(y_t) always; the
+full-vocabulary KL_t and H_t with the ``exact`` estimator."""
 _ACTOR_ROLES = (Role.Actor, Role.ActorRollout, Role.ActorRolloutRef)
 
 
@@ -103,13 +109,30 @@ class VLCalTrainer(PPOTrainerSync):
                 self.role_worker_mapping[role] = ray.remote(VLCalActorRolloutRefWorker)
 
     # ------------------------------------------------------------------ hooks
+    def _vce_fused(self) -> bool:
+        """VCE inside verl's old-log-prob pass — unless verl skips that pass (rollout-correction bypass)."""
+        rc = self.config.algorithm.get("rollout_correction", None) if "algorithm" in self.config else None
+        bypass = bool(rc and rc.get("bypass_mode", False))
+        return self.vlcal.vce.enabled and self.vlcal.vce.fused and not bypass
+
     def _compute_old_log_prob(self, batch, metrics: dict):
-        batch = super()._compute_old_log_prob(batch, metrics)
+        fused = self._vce_fused()
+        if fused:  # spans first (they need only the response ids), then one actor call for both
+            t0 = time.perf_counter()
+            batch = self._vlcal_spans(batch)
+            batch.extra_info["vlcal_vce"] = asdict(self.vlcal.vce)
+            metrics["vce/span_time_s"] = time.perf_counter() - t0
+        asked = batch
+        try:
+            batch = super()._compute_old_log_prob(batch, metrics)
+        finally:
+            asked.extra_info.pop("vlcal_vce", None)
+            batch.extra_info.pop("vlcal_vce", None)
         self._vlcal_calibration_metrics(batch, metrics)
         if self.vlcal.vce.enabled:
             timing = getattr(self, "timing_raw", {})
             with marked_timer("vce", timing, color="purple"):
-                batch = self._vlcal_visual_reward(batch, metrics)
+                batch = self._vlcal_visual_reward(batch, metrics, run_vce=not fused)
         return batch
 
     def _compute_advantage(self, batch, metrics: dict):
@@ -119,6 +142,27 @@ class VLCalTrainer(PPOTrainerSync):
         return batch
 
     # ------------------------------------------------------------------ steps
+    def _signal_fields(self) -> list[str]:
+        """The TransferQueue fields the configured signals read (verl's ``entropy`` only when some H_t is
+        the distribution entropy, VCE's ``vce_kl`` only for the exact estimator)."""
+        v, t = self.vlcal.vce, self.vlcal.tar
+        fields = ["old_log_probs", MASKED_LOGP_FIELD]
+        if v.entropy == "distribution" or (t.enabled and t.entropy == "distribution"):
+            fields.append("entropy")
+        if needs_original_forward(v):
+            fields.append(EXACT_FIELDS[0])
+        return fields
+
+    def _signals(self, data: Any) -> dict[str, torch.Tensor | None]:
+        """The padded [B, R] per-token inputs of :mod:`vlcal_verl.token_signals`."""
+        keys = set(data.keys())
+        return {
+            "old_logp": _padded(data["old_log_probs"]).float(),
+            "masked_logp": _padded(data[MASKED_LOGP_FIELD]).float(),
+            "exact_kl": _padded(data["vce_kl"]).float() if "vce_kl" in keys else None,
+            "entropy": _padded(data["entropy"]).float() if "entropy" in keys else None,
+        }
+
     @staticmethod
     def _valid_rows(batch) -> torch.Tensor:
         return torch.tensor([not tag.get("is_padding", False) for tag in batch.tags], dtype=torch.bool)
@@ -131,31 +175,39 @@ class VLCalTrainer(PPOTrainerSync):
         infos = [i for i, ok in zip(_reward_infos(data["extra_fields"]), valid, strict=True) if ok]
         metrics.update(calibration_step_metrics(infos))
 
-    def _vlcal_visual_reward(self, batch, metrics: dict):
-        """Spans → ``compute_vce`` on the actor mesh → S̃_vis over the batch → visual term into ``rm_scores``."""
-        t0 = time.perf_counter()
+    def _vlcal_spans(self, batch):
+        """Vision spans of the response ids → the ``vlcal_vision_span`` field."""
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["responses"])
         responses = [r.cpu().numpy() for r in data["responses"].unbind()]
         spans = spans_to_tensor(vision_token_spans(responses, self.tokenizer))
-        batch = put_fields(batch, TensorDict({SPAN_FIELD: spans}, batch_size=len(batch)))
+        return put_fields(batch, TensorDict({SPAN_FIELD: spans}, batch_size=len(batch)))
 
-        batch.extra_info.update(
-            {
-                "vlcal_vce": asdict(self.vlcal.vce),
-                "temperature": self.config.actor_rollout_ref.rollout.temperature,
-            }
-        )
-        try:
-            output = self.actor_rollout_wg.compute_vce(batch)
-            assert len(output) == len(batch)
-        finally:
-            batch.extra_info.pop("vlcal_vce", None)
+    def _vlcal_visual_reward(self, batch, metrics: dict, run_vce: bool = True):
+        """(Spans → ``compute_vce`` on the actor mesh, unless the old-log-prob pass did it) → S̃_vis over
+        the batch → visual term into ``rm_scores``."""
+        t0 = time.perf_counter()
+        if run_vce:
+            batch = self._vlcal_spans(batch)
+            batch.extra_info.update(
+                {
+                    "vlcal_vce": asdict(self.vlcal.vce),
+                    "temperature": self.config.actor_rollout_ref.rollout.temperature,
+                }
+            )
+            try:
+                output = self.actor_rollout_wg.compute_vce(batch)
+                assert len(output) == len(batch)
+            finally:
+                batch.extra_info.pop("vlcal_vce", None)
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=[SPAN_FIELD])
+        spans = dense_rows(data[SPAN_FIELD]).cpu().long()
 
-        fields = ["rm_scores", "response_mask", "extra_fields", *VCE_FIELDS]
+        fields = ["rm_scores", "response_mask", "extra_fields", *self._signal_fields()]
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         response_mask_nt = data["response_mask"]
         response_mask = _padded(response_mask_nt)
-        kl, ent = _padded(data["vce_kl"]).float(), _padded(data["vce_entropy"]).float()
+        signals = self._signals(data)
+        kl, ent = vce_token_signals(self.vlcal.vce, **signals)
         span_mask = span_mask_from_tensor(spans, response_mask)
         c_v = [i.get("vision_confidence") for i in _reward_infos(data["extra_fields"])]
         new_scores, _, vce_metrics = visual_reward_step(
@@ -170,27 +222,34 @@ class VLCalTrainer(PPOTrainerSync):
             valid=self._valid_rows(batch),
             response_lengths=_row_lengths(response_mask_nt),
         )
-        batch = put_fields(
-            batch,
-            TensorDict(
-                {"rm_scores": response_to_nested(new_scores, response_mask_nt)}, batch_size=len(batch)
-            ),
-        )
+        new_fields = {"rm_scores": response_to_nested(new_scores, response_mask_nt)}
+        if self.vlcal.perception.enabled:
+            keep = perception_mask(
+                k3_clamped(signals["old_logp"], signals["masked_logp"]),
+                response_mask,
+                self.vlcal.perception.top_fraction,
+            ) & self._valid_rows(batch).unsqueeze(-1)
+            new_fields[PERCEPTION_FIELD] = response_to_nested(keep.float(), response_mask_nt)
+            vce_metrics["vce/perception_token_fraction"] = float(keep.sum()) / max(
+                float((response_mask.bool() & self._valid_rows(batch).unsqueeze(-1)).sum()), 1.0
+            )
+        batch = put_fields(batch, TensorDict(new_fields, batch_size=len(batch)))
         metrics.update(vce_metrics)
         metrics["vce/time_s"] = time.perf_counter() - t0
         return batch
 
     def _vlcal_tar(self, batch, metrics: dict):
         """TAR on the advantages verl just wrote (vision-span tokens with A_t < 0)."""
-        fields = ["advantages", "response_mask", SPAN_FIELD, *VCE_FIELDS]
+        fields = ["advantages", "response_mask", SPAN_FIELD, *self._signal_fields()]
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         response_mask_nt = data["response_mask"]
         response_mask = _padded(response_mask_nt)
         span_mask = span_mask_from_tensor(dense_rows(data[SPAN_FIELD]).cpu().long(), response_mask)
+        kl, ent = tar_token_signals(self.vlcal.tar, self.vlcal.vce, **self._signals(data))
         new_adv, stats = tar_step(
             _padded(data["advantages"]),
-            _padded(data["vce_kl"]).float(),
-            _padded(data["vce_entropy"]).float(),
+            kl,
+            ent,
             span_mask,
             response_mask,
             self.vlcal.tar,

@@ -34,7 +34,7 @@ from tensordict import NonTensorStack, TensorDict
 
 from vlcal_verl.config import VCEConfig
 from vlcal_verl.vce import token_kl_entropy
-from vlcal_verl.vce_mask import batch_cell_masks, mask_pixel_values
+from vlcal_verl.vce_mask import batch_cell_masks, mask_pixel_values, mask_pixel_values_px, pixel_cell_masks
 from vlcal_verl.verl_ext.nested import nested_rows
 
 MASKED_MM_KEY = "vce_masked_multi_modal_inputs"
@@ -50,11 +50,11 @@ def vce_lengths(
     Args:
         prompt_lens, response_lens: [B] int; spans: [B, 2] (start, end) in response tokens, −1 = none.
         scope: 'truncated' (targets = the span; the forward stops where the logit predicting the span's
-            last token is computed: P + end − 1 tokens) or 'full' (targets = the whole response of
-            samples with a span; forward over P + R tokens).
+            last token is computed: P + end − 1 tokens) or 'full' (targets = the whole response of every
+            sample, span or not — the perception filter ranks every response; forward over P + R tokens).
     Returns:
-        (seq_lens [B], t_start [B], t_end [B]); samples without a span get (P, 0, 0) — a prompt-only
-        forward, kept so every DP rank's batch stays aligned.
+        (seq_lens [B], t_start [B], t_end [B]); with 'truncated', samples without a span get (P, 0, 0)
+        — a prompt-only forward, kept so every DP rank's batch stays aligned.
     """
     if scope not in ("truncated", "full"):
         raise ValueError(f"vce.scope must be 'truncated' or 'full', got {scope!r}")
@@ -66,19 +66,27 @@ def vce_lengths(
         t0, t1 = torch.where(has, start, zero), torch.where(has, end, zero)
         lens = torch.where(has, p + t1 - 1, p)
     else:
-        t0, t1 = zero, torch.where(has, r, zero)
-        lens = torch.where(has, p + r, p)
+        t0, t1 = zero, r
+        lens = p + r
     return lens.clamp_min(1), t0, t1
 
 
 def mask_multi_modal_inputs(
-    mm_inputs: Sequence[Any], mask_ids: Sequence[str], cfg: VCEConfig, black: torch.Tensor, merge_size: int
+    mm_inputs: Sequence[Any],
+    mask_ids: Sequence[str],
+    cfg: VCEConfig,
+    black: torch.Tensor,
+    merge_size: int,
+    patch_size: int | None = None,
 ) -> list[dict | None]:
     """Masked copy of each sample's verl ``multi_modal_inputs`` (pixel_values rows, H3's seeded masks).
 
     A sample's images are masked with seeds (cfg.seed, mask_ids[b], image index); samples without
-    images (None/empty dict) pass through.
+    images (None/empty dict) pass through. ``cfg.mask_cell_px`` > 0 masks pixel squares of that size
+    (needs ``patch_size``) instead of merged cells.
     """
+    if cfg.mask_cell_px and not patch_size:
+        raise ValueError("vce.mask_cell_px > 0 needs the vision patch size")
     out: list[dict | None] = []
     for mm, mid in zip(mm_inputs, mask_ids, strict=True):
         mm = getattr(mm, "data", mm)
@@ -86,10 +94,14 @@ def mask_multi_modal_inputs(
             out.append(mm)
             continue
         grid = mm["image_grid_thw"]
-        masks = batch_cell_masks(grid, [grid.shape[0]], [mid], cfg.mask_prob, cfg.seed, merge_size)
-        out.append(
-            {**mm, "pixel_values": mask_pixel_values(mm["pixel_values"], grid, masks, merge_size, black)}
-        )
+        if cfg.mask_cell_px:
+            c = cfg.mask_cell_px
+            masks = pixel_cell_masks(grid, [grid.shape[0]], [mid], cfg.mask_prob, cfg.seed, c, patch_size)
+            pv = mask_pixel_values_px(mm["pixel_values"], grid, masks, c, patch_size, merge_size, black)
+        else:
+            masks = batch_cell_masks(grid, [grid.shape[0]], [mid], cfg.mask_prob, cfg.seed, merge_size)
+            pv = mask_pixel_values(mm["pixel_values"], grid, masks, merge_size, black)
+        out.append({**mm, "pixel_values": pv})
     return out
 
 
@@ -105,6 +117,7 @@ def prepare_vce_batch(
     black: torch.Tensor,
     merge_size: int,
     mask_ids: Sequence[str],
+    patch_size: int | None = None,
 ) -> TensorDict:
     """verl's per-sample (jagged) batch → the batch the VCE forward step consumes.
 
@@ -122,7 +135,8 @@ def prepare_vce_batch(
     out["vce_t_start"], out["vce_t_end"], out["vce_prompt_len"] = t0, t1, prompt_lens.long()
     mm_field = data.get("multi_modal_inputs", None)
     mm = list(mm_field) if mm_field is not None else [None] * len(ids)
-    out[MASKED_MM_KEY] = NonTensorStack(*mask_multi_modal_inputs(mm, mask_ids, cfg, black, merge_size))
+    masked = mask_multi_modal_inputs(mm, mask_ids, cfg, black, merge_size, patch_size)
+    out[MASKED_MM_KEY] = NonTensorStack(*masked)
     return out
 
 
@@ -188,17 +202,99 @@ def _logits(out: Any) -> torch.Tensor:
     return logits.full_tensor() if hasattr(logits, "full_tensor") else logits  # TP: vocab-sharded DTensor
 
 
+def needs_original_forward(cfg: VCEConfig) -> bool:
+    """Only the full-vocabulary KL needs the original distribution inside the VCE pass: the sampled-token
+    estimators and both H_t read verl's old-log-prob pass (``old_log_probs``, ``entropy``)."""
+    return cfg.estimator == "exact"
+
+
 def _chunked(
-    lo: torch.Tensor, lm: torch.Tensor, labels: torch.Tensor, cfg: VCEConfig, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    kls, ents = [], []
-    for s in range(0, lo.shape[0], cfg.vocab_chunk_tokens):
+    lo: torch.Tensor | None, lm: torch.Tensor, labels: torch.Tensor, cfg: VCEConfig, temperature: float
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """(KL_t, H_t, log p_masked(y_t)) over the target rows, ``vocab_chunk_tokens`` rows at a time;
+    KL_t and H_t are None without original logits."""
+    kls, ents, lps = [], [], []
+    for s in range(0, lm.shape[0], cfg.vocab_chunk_tokens):
         sl = slice(s, s + cfg.vocab_chunk_tokens)
-        kl, ent = token_kl_entropy(lo[sl], lm[sl], labels[sl], cfg.estimator, temperature)
-        kls.append(kl.float())
-        ents.append(ent.float())
-    empty = torch.zeros(0, dtype=torch.float32, device=lo.device)
-    return (torch.cat(kls), torch.cat(ents)) if kls else (empty, empty.clone())
+        m = _scaled_float(lm[sl], temperature)
+        lps.append((m.gather(-1, labels[sl].long().unsqueeze(-1)).squeeze(-1) - m.logsumexp(-1)).float())
+        if lo is not None:
+            kl, ent = token_kl_entropy(lo[sl], lm[sl], labels[sl], "exact", temperature)
+            kls.append(kl.float())
+            ents.append(ent.float())
+    empty = torch.zeros(0, dtype=torch.float32, device=lm.device)
+    masked = torch.cat(lps) if lps else empty
+    if lo is None:
+        return None, None, masked
+    return (torch.cat(kls), torch.cat(ents), masked) if kls else (empty, empty.clone(), masked)
+
+
+def _scaled_float(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    x = logits.double() if logits.dtype == torch.float64 else logits.float()
+    return x if temperature == 1.0 else x / temperature
+
+
+def masked_pass(
+    engine: Any, micro_batch: TensorDict, cfg: VCEConfig, device: Any, orig_logits: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """The masked forward of one prepared micro-batch (truncated ids, masked multi-modal inputs,
+    ``vce_t_*`` targets) → ``vce_masked_logp`` and, for the ``exact`` estimator, ``vce_kl`` /
+    ``vce_entropy``, jagged [B, R_b] float32 (0 off target tokens).
+
+    The exact KL needs the original logits of the target rows: ``orig_logits`` [N, V] when the caller
+    already has them (the fused pass), else an original forward of the same truncated sequences runs here.
+    """
+    if getattr(engine, "use_ulysses_sp", False):
+        raise NotImplementedError("VCE needs ulysses_sequence_parallel_size == 1")
+    from verl.utils import tensordict_utils as tu
+    from verl.utils.model import extract_multi_modal_inputs
+
+    micro_batch = micro_batch.to(device)
+    remove_padding = bool(tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True))
+    if tu.get_non_tensor_data(data=micro_batch, key="use_fused_kernels", default=False):
+        raise NotImplementedError("VCE needs use_fused_kernels=False (it reads the lm_head's logits)")
+    model_inputs, _ = engine.prepare_model_inputs(micro_batch=micro_batch)
+    masked_mm = extract_multi_modal_inputs(list(micro_batch[MASKED_MM_KEY]))
+    masked_inputs = {**model_inputs, **{k: _like(v, model_inputs.get(k)) for k, v in masked_mm.items()}}
+    b_idx, t_idx, col = target_rows(micro_batch, remove_padding)
+    # Every forward runs even when this micro-batch has no targets: FSDP's all-gathers are collective, and
+    # every DP rank must run the same number of forwards (verl aligns micro-batch counts across ranks).
+    with torch.no_grad(), _autocast(engine, device), lm_head_rows(engine.module, b_idx, col, remove_padding):
+        lo = orig_logits
+        if lo is None and needs_original_forward(cfg):
+            lo = _logits(engine.module(**model_inputs, use_cache=False))[0]
+        lm = _logits(engine.module(**masked_inputs, use_cache=False))[0]
+    responses = micro_batch["responses"]
+    labels = responses.values()[responses.offsets()[b_idx.to(responses.device)] + t_idx.to(responses.device)]
+    lo = lo.to(lm.device) if lo is not None and needs_original_forward(cfg) else None
+    kl, ent, masked_logp = _chunked(lo, lm, labels.to(lm.device), cfg, _scalar_temperature(micro_batch))
+    r_lens = responses.offsets().diff().cpu().tolist()
+
+    def rows(values: torch.Tensor) -> torch.Tensor:
+        pad = torch.zeros(len(r_lens), max(r_lens, default=0), dtype=torch.float32)
+        pad[b_idx, t_idx] = values.cpu()
+        return _nested([pad[i, :n] for i, n in enumerate(r_lens)])
+
+    out = {"vce_masked_logp": rows(masked_logp)}
+    if kl is not None:
+        out |= {"vce_kl": rows(kl), "vce_entropy": rows(ent)}
+    return out
+
+
+def _autocast(engine: Any, device: Any) -> Any:
+    dtype = getattr(engine, "_autocast_dtype", torch.float32)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    dev_type = torch.device(device).type if not isinstance(device, int) else "cuda"
+    return torch.autocast(device_type=dev_type, dtype=dtype)
+
+
+def _default_device(device: Any) -> Any:
+    if device is not None:
+        return device
+    from verl.utils.device import get_device_id
+
+    return get_device_id()
 
 
 def vce_forward_step(
@@ -210,56 +306,15 @@ def vce_forward_step(
     cfg: VCEConfig,
     device: Any = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Drop-in for ``FSDPEngineWithLMHead.forward_step``: original + masked forward → KL_t, H_t.
+    """Drop-in for ``FSDPEngineWithLMHead.forward_step`` on a :func:`prepare_vce_batch` batch: the masked
+    forward (and, for the ``exact`` estimator, the original one) → :func:`masked_pass`'s fields.
 
-    Returns verl's (loss, output) pair; ``output["model_output"]`` holds ``vce_kl`` / ``vce_entropy`` as
-    jagged [B, R_b] float32 (0 off target tokens), which verl concatenates and re-orders.
+    Returns verl's (loss, output) pair; verl concatenates and re-orders ``output["model_output"]``.
     """
-    if getattr(engine, "use_ulysses_sp", False):
-        raise NotImplementedError("VCE needs ulysses_sequence_parallel_size == 1")
-    if device is None:
-        from verl.utils.device import get_device_id
-
-        device = get_device_id()
-    from verl.utils.model import extract_multi_modal_inputs
-
-    micro_batch = micro_batch.to(device)
-    from verl.utils import tensordict_utils as tu
-
-    remove_padding = bool(tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True))
-    if tu.get_non_tensor_data(data=micro_batch, key="use_fused_kernels", default=False):
-        raise NotImplementedError("VCE needs use_fused_kernels=False (it reads the lm_head's logits)")
-    model_inputs, _ = engine.prepare_model_inputs(micro_batch=micro_batch)
-    masked_mm = extract_multi_modal_inputs(list(micro_batch[MASKED_MM_KEY]))
-    masked_inputs = {**model_inputs, **{k: _like(v, model_inputs.get(k)) for k, v in masked_mm.items()}}
-    b_idx, t_idx, col = target_rows(micro_batch, remove_padding)
-    dtype = getattr(engine, "_autocast_dtype", torch.float32)
-    dev_type = torch.device(device).type if not isinstance(device, int) else "cuda"
-    autocast = (
-        contextlib.nullcontext()
-        if dtype == torch.float32
-        else torch.autocast(device_type=dev_type, dtype=dtype)
-    )
-    # Both forwards run even when this micro-batch has no targets: FSDP's all-gathers are collective, and
-    # every DP rank must run the same number of forwards (verl aligns micro-batch counts across ranks).
-    with torch.no_grad(), autocast, lm_head_rows(engine.module, b_idx, col, remove_padding):
-        lo = _logits(engine.module(**model_inputs, use_cache=False))[0]
-        lm = _logits(engine.module(**masked_inputs, use_cache=False))[0]
-    responses = micro_batch["responses"]
-    labels = responses.values()[responses.offsets()[b_idx.to(responses.device)] + t_idx.to(responses.device)]
-    kl, ent = _chunked(lo, lm, labels.to(lo.device), cfg, _scalar_temperature(micro_batch))
-    r_lens = responses.offsets().diff().cpu().tolist()
-    kl_pad = torch.zeros(len(r_lens), max(r_lens, default=0), dtype=torch.float32)
-    ent_pad = torch.zeros_like(kl_pad)
-    kl_pad[b_idx, t_idx], ent_pad[b_idx, t_idx] = kl.cpu(), ent.cpu()
-    kl_rows = [kl_pad[i, :n] for i, n in enumerate(r_lens)]
-    ent_rows = [ent_pad[i, :n] for i, n in enumerate(r_lens)]
-    output = {
-        "model_output": {"vce_kl": _nested(kl_rows), "vce_entropy": _nested(ent_rows)},
-        "loss": 0.0,
-        "metrics": {},
-    }
-    return torch.zeros((), device=lo.device), output
+    device = _default_device(device)
+    model_output = masked_pass(engine, micro_batch, cfg, device)
+    output = {"model_output": model_output, "loss": 0.0, "metrics": {}}
+    return torch.zeros((), device=model_output["vce_masked_logp"].device), output
 
 
 @contextlib.contextmanager

@@ -22,6 +22,13 @@ from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 from vlcal_verl.config import VCEConfig
 from vlcal_verl.vce_mask import black_row_for
 from vlcal_verl.verl_ext.nested import dense_rows, renest_position_ids
+from vlcal_verl.verl_ext.perception import (
+    PERCEPTION_FIELD,
+    PERCEPTION_TOKENS_KEY,
+    kept_tokens_of,
+    register_perception_loss,
+    with_perception_mask,
+)
 from vlcal_verl.verl_ext.vce_engine import SPAN_FIELD, prepare_vce_batch, vce_forward_installed
 
 
@@ -73,10 +80,29 @@ def open_cpu_process_group() -> None:
 
 
 class VLCalTrainingWorker(TrainingWorker):
-    """verl's ``TrainingWorker`` (the actor's and the reference's engine holder), guarded against one
-    TransferQueue trap: when every sample on a DP rank has the same length, the 3-D position ids arrive
-    nested along the wrong axis and verl's ``seqlen_balancing`` / ``index_select`` crash
-    (:func:`vlcal_verl.verl_ext.nested.renest_position_ids` repairs them before verl reads them)."""
+    """verl's ``TrainingWorker`` (the actor's and the reference's engine holder) with two additions:
+
+    - a guard against one TransferQueue trap: when every sample on a DP rank has the same length, the
+      3-D position ids arrive nested along the wrong axis and verl's ``seqlen_balancing`` /
+      ``index_select`` crash (:func:`vlcal_verl.verl_ext.nested.renest_position_ids` repairs them);
+    - the perception filter's plumbing (:mod:`vlcal_verl.verl_ext.perception`): the loss verl sets is
+      wrapped so it can read the batch's perception mask, and each mini-batch gets its global kept-token
+      count before verl's engine runs it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        register_perception_loss()  # the policy loss must be known in this (worker) process
+        super().__init__(*args, **kwargs)
+
+    def set_loss_fn(self, loss_fn: Any) -> None:
+        super().set_loss_fn(with_perception_mask(loss_fn) if loss_fn is not None else None)
+
+    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="train"), blocking=False)
+    def train_batch(self, data: TensorDict) -> TensorDict | None:
+        if PERCEPTION_FIELD in data:
+            kept = kept_tokens_of(data, self.engine.get_data_parallel_group())
+            tu.assign_non_tensor(data, **{PERCEPTION_TOKENS_KEY: kept})
+        return super().train_batch(data)
 
     def infer_batch(self, data: TensorDict, *args: Any, **kwargs: Any) -> TensorDict | None:
         renest_position_ids(data)
@@ -104,6 +130,26 @@ class VLCalActorRolloutRefWorker(ActorRolloutRefWorker):
             self._vce_constants = image_constants(omega_conf_to_dataclass(self.config.model))
         return self._vce_constants
 
+    def _patch_size(self) -> int:
+        vision = omega_conf_to_dataclass(self.config.model).hf_config.vision_config
+        return int(vision.patch_size)
+
+    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
+    def compute_log_prob(self, data: TensorDict) -> TensorDict | None:
+        """verl's ``compute_log_prob``; when the trainer put VCE settings on the batch (fused VCE), the
+        same call also returns ``vce_masked_logp`` (and ``vce_kl`` / ``vce_entropy`` for ``exact``)
+        from one masked forward per micro-batch (:mod:`vlcal_verl.verl_ext.vce_fused`)."""
+        if tu.get(data, "vlcal_vce") is None:
+            return super().compute_log_prob(data)
+        from vlcal_verl.verl_ext.vce_fused import add_vce_targets, fused_forward_installed
+
+        cfg = vce_config_of(data)
+        black, merge = self._image_constants()
+        patch = self._patch_size() if cfg.mask_cell_px else None
+        add_vce_targets(data, dense_rows(data[SPAN_FIELD]).long().cpu(), cfg, mask_ids_of(data))
+        with fused_forward_installed(self.actor.engine, cfg, black, merge, patch):
+            return super().compute_log_prob(data)
+
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
     @DistProfiler.annotate(color="purple", role="actor_compute_vce")
     def compute_vce(self, data: TensorDict) -> TensorDict | None:
@@ -116,7 +162,8 @@ class VLCalActorRolloutRefWorker(ActorRolloutRefWorker):
         black, merge = self._image_constants()
         # prepare_vce_batch rebuilds position ids row by row (nested_rows), so no re-nesting is needed here
         spans = dense_rows(data[SPAN_FIELD]).long().cpu()  # TransferQueue returns [B, 2] as jagged
-        prepared = prepare_vce_batch(data, spans, cfg, black, merge, mask_ids_of(data))
+        patch = self._patch_size() if cfg.mask_cell_px else None
+        prepared = prepare_vce_batch(data, spans, cfg, black, merge, mask_ids_of(data), patch)
         tu.assign_non_tensor(prepared, compute_loss=False, calculate_entropy=False)
         with vce_forward_installed(self.actor.engine, cfg):
             output = self.actor.infer_batch(prepared)

@@ -1,0 +1,155 @@
+"""VCE inside verl's old-log-prob pass: one actor call, one masked forward per micro-batch.
+
+verl's trainer computes the old log-probs (and entropy) with an original forward of every sequence. The
+fused pass makes that same forward yield VCE's original distribution: while verl's own
+``forward_step`` runs (unchanged, called as verl defines it), a forward hook on the output embedding
+keeps the logits of the rows that predict the target tokens (the vision span for the ``exact``
+estimator; nothing at all for the sampled-token estimators, which read verl's log-probs instead). Then
+the masked forward runs on the same micro-batch — truncated at each span end, or over the whole response
+for the authors' variant — and :func:`vlcal_verl.verl_ext.vce_engine.masked_pass` turns the two into
+KL_t / H_t / log p_masked(y_t). verl's ``log_probs`` / ``entropy`` and the VCE fields come back from the
+one ``compute_log_prob`` call and reach TransferQueue together.
+
+Against the separate ``compute_vce`` call this saves the original forward of the truncated sequences
+(exact) and a second pass over verl's micro-batching; no ``[tokens × vocab]`` tensor of the sequence is
+kept (only the target rows), and every DP rank runs the same forwards in the same micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from tensordict import NonTensorStack, TensorDict
+
+from vlcal_verl.config import VCEConfig
+from vlcal_verl.verl_ext.nested import nested_rows
+from vlcal_verl.verl_ext.vce_engine import (
+    MASKED_MM_KEY,
+    _default_device,
+    _logits,
+    mask_multi_modal_inputs,
+    masked_pass,
+    needs_original_forward,
+    target_rows,
+    vce_lengths,
+)
+
+MASK_ID_FIELD = "vlcal_mask_id"
+LENGTH_FIELD = "vce_len"
+
+
+def add_vce_targets(data: TensorDict, spans: torch.Tensor, cfg: VCEConfig, mask_ids: Sequence[str]) -> None:
+    """Per sample, the masked forward's length, the target range and the mask seed id (in place)."""
+    prompt_lens = data["prompts"].offsets().diff()
+    response_lens = data["responses"].offsets().diff()
+    lens, t0, t1 = vce_lengths(prompt_lens, response_lens, spans, cfg.scope)
+    data[LENGTH_FIELD], data["vce_t_start"], data["vce_t_end"] = lens, t0, t1
+    data["vce_prompt_len"] = prompt_lens.long()
+    data[MASK_ID_FIELD] = NonTensorStack(*[str(m) for m in mask_ids])
+
+
+def masked_micro_batch(
+    micro_batch: TensorDict, cfg: VCEConfig, black: torch.Tensor, merge_size: int, patch_size: int | None
+) -> TensorDict:
+    """The micro-batch of the masked forward: ids / positions cut to ``vce_len``, masked images."""
+    lens = micro_batch[LENGTH_FIELD].tolist()
+    out = micro_batch.clone(recurse=False)
+    out["input_ids"] = nested_rows(
+        [x[: int(n)] for x, n in zip(micro_batch["input_ids"].unbind(), lens, strict=True)]
+    )
+    out["position_ids"] = nested_rows(
+        [x[..., : int(n)] for x, n in zip(micro_batch["position_ids"].unbind(), lens, strict=True)]
+    )
+    mm_field = micro_batch.get("multi_modal_inputs", None)
+    mm = list(mm_field) if mm_field is not None else [None] * len(lens)
+    ids = [getattr(m, "data", m) for m in micro_batch[MASK_ID_FIELD]]
+    out[MASKED_MM_KEY] = NonTensorStack(*mask_multi_modal_inputs(mm, ids, cfg, black, merge_size, patch_size))
+    return out
+
+
+@contextlib.contextmanager
+def keep_target_logits(
+    model: Any, b_idx: torch.Tensor, col: torch.Tensor, remove_padding: bool
+) -> Iterator[list]:
+    """During one forward, keep the output embedding's logits at (b_idx, col) (a copy of those rows)."""
+    inner = getattr(model, "module", model)
+    head = inner.get_output_embeddings()
+    kept: list[torch.Tensor] = []
+
+    def hook(_module, _args, out):
+        logits = _logits({"logits": out})
+        rows = (
+            logits[0, col.to(logits.device)]
+            if remove_padding
+            else logits[b_idx.to(logits.device), col.to(logits.device)]
+        )
+        kept.append(rows.detach().clone())
+
+    handle = head.register_forward_hook(hook)
+    try:
+        yield kept
+    finally:
+        handle.remove()
+
+
+def fused_forward_step(
+    engine: Any,
+    micro_batch: TensorDict,
+    loss_function: Any = None,
+    forward_only: bool = True,
+    *,
+    cfg: VCEConfig,
+    black: torch.Tensor,
+    merge_size: int,
+    patch_size: int | None = None,
+    device: Any = None,
+) -> tuple[torch.Tensor, dict]:
+    """verl's own ``forward_step`` (its log-probs / entropy untouched) + the masked pass on the same
+    micro-batch; the VCE fields join verl's ``model_output``."""
+    from verl.utils import tensordict_utils as tu
+
+    device = _default_device(device)
+    remove_padding = bool(tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True))
+    verl_step = type(engine).forward_step  # the class's step: the instance attribute is this function
+    if needs_original_forward(cfg):
+        b_idx, _, col = target_rows(micro_batch, remove_padding)
+        with keep_target_logits(engine.module, b_idx, col, remove_padding) as kept:
+            loss, output = verl_step(engine, micro_batch, loss_function, forward_only)
+        if len(kept) != 1:
+            raise RuntimeError(f"fused VCE: expected one LM-head call in verl's forward, saw {len(kept)}")
+        orig = kept[0]
+    else:
+        loss, output = verl_step(engine, micro_batch, loss_function, forward_only)
+        orig = None
+    masked = masked_micro_batch(micro_batch, cfg, black, merge_size, patch_size)
+    output["model_output"].update(masked_pass(engine, masked, cfg, device, orig_logits=orig))
+    return loss, output
+
+
+@contextlib.contextmanager
+def fused_forward_installed(
+    engine: Any,
+    cfg: VCEConfig,
+    black: torch.Tensor,
+    merge_size: int,
+    patch_size: int | None = None,
+    device: Any = None,
+) -> Iterator[None]:
+    """Make ``engine.forward_step`` the fused step for one call (instance attribute; class untouched)."""
+    engine.forward_step = partial(
+        fused_forward_step,
+        engine,
+        cfg=cfg,
+        black=black,
+        merge_size=merge_size,
+        patch_size=patch_size,
+        device=device,
+    )
+    try:
+        yield
+    finally:
+        del engine.forward_step
