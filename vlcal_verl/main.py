@@ -9,8 +9,10 @@ inside its own Ray actor — verl 0.9.1's ``TaskRunnerV1.run`` picks the trainer
 ``TRAINER_REGISTRY[trainer.v1.trainer_mode]`` and ``"sync"`` is also a mode verl checks by name.
 
 ``--check`` (anywhere on the command line) composes and validates the config, prints a summary and exits 0 — no Ray,
-no GPU: CI and ``launch/submit.sh --check`` use it. ``--recipe recipes/<model>.yaml`` selects a recipe
-(see recipes/README.md); any other argument is a Hydra override.
+no GPU, no files written: CI and ``launch/submit.sh --check`` use it; ``--print-config`` (with ``--check``)
+also prints the composed config as YAML, after the vlcal wiring, so two runs can be diffed.
+``--recipe recipes/<model>.yaml`` selects a recipe (see recipes/README.md); any other argument is a Hydra
+override. A configuration mistake is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -27,7 +29,25 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vlcal_verl.config import VLCalConfig
 
-SERVER_REWARD_KWARGS = ("w_brier", "w_fmt", "w_vis", "protocol")
+SERVER_REWARD_KWARGS = ("w_brier", "w_fmt", "w_vis", "protocol", "reference_parity")
+EXIT_CONFIG_ERROR = 2
+
+KNOWN_TOP_LEVEL_KEYS = frozenset(
+    {
+        # verl 0.9.1's ppo_trainer (tests/verl_ext/test_verl_recipes.py checks this list against it)
+        "actor_rollout_ref", "algorithm", "critic", "custom_reward_function", "data", "distillation",
+        "global_profiler", "model_engine", "ray_kwargs", "reward", "reward_model", "sandbox_fusion", "skip",
+        "trainer", "transfer_queue",
+        # this package's
+        "vlcal", "demo", "vlcal_model_family",
+    }
+)  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """A user mistake in the composed config: reported as one line, exit code 2."""
+
+
 """The ``vlcal.reward`` fields the reward server's client sends per request."""
 
 UNSUPPORTED_MODEL_TYPES = {
@@ -52,11 +72,83 @@ def wire_reward(config: DictConfig, vcfg: VLCalConfig) -> None:
     kwargs = dict(OmegaConf.to_container(config.vlcal.reward, resolve=True))
     with open_dict(config):
         if vcfg.reward_server_url:
-            # the client takes the per-request weights/protocol; parity mode and grading timeout are
-            # settings of the server process itself
+            # the client sends the weights, protocol and parity mode with every request (variant=authors
+            # scores with the authors' rules on the server too); the grading timeout is the server's own
             crf.path, crf.name = "pkg://reward_server.client", "compute_score"
             kwargs = {k: kwargs[k] for k in SERVER_REWARD_KWARGS} | {"server_url": vcfg.reward_server_url}
         crf.reward_kwargs = kwargs
+
+
+def wire_perception(config: DictConfig, vcfg: VLCalConfig) -> None:
+    """With the perception filter, the actor's policy loss is ``vlcal_perception`` (verl's vanilla PPO
+    loss on the kept tokens; :mod:`vlcal_verl.verl_ext.perception`)."""
+    from vlcal_verl.verl_ext.perception import LOSS_MODE
+
+    policy_loss = config.actor_rollout_ref.actor.policy_loss
+    mode = policy_loss.get("loss_mode", "vanilla")
+    if vcfg.perception.enabled:
+        if mode not in ("vanilla", LOSS_MODE):
+            raise ConfigError(
+                f"vlcal.perception.enabled uses actor.policy_loss.loss_mode={LOSS_MODE!r} (vanilla PPO on the "
+                f"kept tokens); got loss_mode={mode!r}: set vlcal.perception.enabled=false to use it"
+            )
+        with open_dict(config):
+            policy_loss.loss_mode = LOSS_MODE
+    elif mode == LOSS_MODE:
+        raise ConfigError(
+            f"actor.policy_loss.loss_mode={LOSS_MODE!r} needs vlcal.perception.enabled=true (it reads the mask)"
+        )
+
+
+def name_run(config: DictConfig, vcfg: VLCalConfig) -> None:
+    """Append a non-default variant / ablation to ``trainer.experiment_name``, so each paper row gets
+    its own checkpoint folder (``default_local_dir`` interpolates the name) and never resumes another's."""
+    name = str(config.trainer.experiment_name)
+    for part, default in ((vcfg.variant, "authors"), (vcfg.ablation, "full")):
+        suffix = f"-{part}"
+        if part != default and not name.endswith(suffix) and f"{suffix}-" not in name:
+            name += suffix
+    with open_dict(config):
+        config.trainer.experiment_name = name
+
+
+def check_config_values(config: DictConfig) -> None:
+    """What verl's own checks let through: top-level typos, non-integer cluster sizes, GRPO with n < 2."""
+    unknown = sorted(set(config.keys()) - KNOWN_TOP_LEVEL_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"unknown top-level key(s) {unknown}: not a section of verl's ppo_trainer or vlcal "
+            f"(known: {sorted(KNOWN_TOP_LEVEL_KEYS)})"
+        )
+    for key in ("nnodes", "n_gpus_per_node"):
+        value = config.trainer.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"trainer.{key} must be a positive integer, got {value!r}")
+    n = config.actor_rollout_ref.rollout.get("n")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ConfigError(
+            f"actor_rollout_ref.rollout.n must be an integer >= 2 (GRPO compares rollouts of one prompt), "
+            f"got {n!r}"
+        )
+    for key in ("train_batch_size", "max_prompt_length", "max_response_length"):
+        value = config.data.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"data.{key} must be a positive integer, got {value!r}")
+
+
+def missing_paths(config: DictConfig) -> list[str]:
+    """Model and data paths that do not exist on this machine (warnings: a login node may not mount the
+    cluster's storage)."""
+    out = []
+    model = config.actor_rollout_ref.model.get("path")
+    if model and str(model) != "???" and "://" not in str(model) and not Path(str(model)).exists():
+        out.append(f"actor_rollout_ref.model.path does not exist here: {model}")
+    for key in ("train_files", "val_files"):
+        files = config.data.get(key)
+        for f in [files] if isinstance(files, str) else list(files or []):
+            if "://" not in str(f) and not Path(str(f)).exists():
+                out.append(f"data.{key} does not exist here: {f}")
+    return out
 
 
 def check_model_supported(config: DictConfig) -> None:
@@ -65,7 +157,7 @@ def check_model_supported(config: DictConfig) -> None:
     path = str(config.actor_rollout_ref.model.get("path") or "").lower()
     for key, why in UNSUPPORTED_MODEL_TYPES.items():
         if family == key or (key == "internvl" and "internvl" in path):
-            raise NotImplementedError(f"{path or family}: {why}")
+            raise ConfigError(f"{path or family}: {why}")
 
 
 def check_vlcal_vs_verl(config: DictConfig, vcfg: VLCalConfig) -> None:
@@ -104,7 +196,11 @@ def use_cpu_backend(config: DictConfig) -> None:
 
 def prepare(config: DictConfig) -> VLCalConfig:
     """Everything verl's ``main`` checks before Ray starts, plus the vlcal checks. Mutates ``config``."""
-    vcfg = vlcal_config(config)
+    try:
+        vcfg = vlcal_config(config)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    check_config_values(config)
     if str(config.trainer.get("device", "cuda")) == "cpu":
         use_cpu_backend(config)  # before the first `import verl`: it decides the platform and Ray's address
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
@@ -112,8 +208,13 @@ def prepare(config: DictConfig) -> VLCalConfig:
     from verl.utils.device import auto_set_device
 
     check_model_supported(config)
-    check_vlcal_vs_verl(config, vcfg)
+    try:
+        check_vlcal_vs_verl(config, vcfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     wire_reward(config, vcfg)
+    wire_perception(config, vcfg)
+    name_run(config, vcfg)
     auto_set_device(config)
     validate_config(
         config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config)
@@ -164,17 +265,20 @@ def _task_runner() -> Any:
 
 def summary(config: DictConfig, vcfg: VLCalConfig) -> str:
     t, r, d = config.trainer, config.actor_rollout_ref.rollout, config.data
-    ablation = (
+    method = (
         "rlcr"
         if vcfg.reward.protocol == "rlcr"
         else (
             "decoupled"
             if not vcfg.vce.enabled
-            else f"vce_{vcfg.vce.signal}" + ("+tar" if vcfg.tar.enabled else "")
+            else f"vce_{vcfg.vce.signal}"
+            + ("+tar" if vcfg.tar.enabled else "")
+            + ("+perception" if vcfg.perception.enabled else "")
         )
     )
     return (
-        f"[vlcal] config OK: model={config.actor_rollout_ref.model.path} variant={ablation} "
+        f"[vlcal] config OK: model={config.actor_rollout_ref.model.path} variant={vcfg.variant} "
+        f"ablation={vcfg.ablation} ({method}) experiment={t.experiment_name} "
         f"nodes={t.nnodes}x{t.n_gpus_per_node}GPU batch={d.train_batch_size}x{r.n} "
         f"reward={config.reward.custom_reward_function.path} ckpt={t.default_local_dir}"
     )
@@ -182,8 +286,16 @@ def summary(config: DictConfig, vcfg: VLCalConfig) -> str:
 
 @hydra.main(config_path="hydra_conf", config_name="vlcal_trainer", version_base=None)
 def _hydra_main(config: DictConfig) -> None:
-    vcfg = prepare(config)
+    try:
+        vcfg = prepare(config)
+    except ConfigError as err:
+        print(f"[vlcal] config error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_CONFIG_ERROR) from None
     print(summary(config, vcfg), flush=True)
+    for warning in missing_paths(config):
+        print(f"[vlcal] warning: {warning}", file=sys.stderr, flush=True)
+    if os.environ.get("VLCAL_PRINT_CONFIG") == "1":
+        print(OmegaConf.to_yaml(config, resolve=True), flush=True)
     if os.environ.get("VLCAL_CHECK_ONLY") == "1":
         import vlcal_verl
 
@@ -213,21 +325,38 @@ def verl_config_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "trainer" / "config"
 
 
+def _usage_error(message: str) -> None:
+    print(f"[vlcal] {message}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_CONFIG_ERROR)
+
+
 def hydra_argv(argv: list[str]) -> list[str]:
     """Translate our flags into Hydra's: ``--recipe FILE`` → ``--config-path/--config-name``; ``--check``
     → ``VLCAL_CHECK_ONLY=1``; and put this package's configs plus verl's on the search path (a package
     directory named ``config`` next to ``config.py`` cannot be a ``pkg://`` search path entry)."""
     argv = list(argv)
+    if "--print-config" in argv:
+        argv.remove("--print-config")
+        os.environ["VLCAL_PRINT_CONFIG"] = "1"
+        if "--check" not in argv:
+            argv.append("--check")
     if "--check" in argv:
         argv.remove("--check")
         os.environ["VLCAL_CHECK_ONLY"] = "1"
+        # a check writes nothing: no outputs/DATE/ run folder, no .hydra copy, no log file
+        argv += [
+            "hydra.output_subdir=null",
+            "hydra.run.dir=.",
+            "hydra/job_logging=none",
+            "hydra/hydra_logging=none",
+        ]
     if "--recipe" in argv:
         i = argv.index("--recipe")
         if i + 1 >= len(argv):
-            raise SystemExit("--recipe needs a YAML file")
+            _usage_error("--recipe needs a YAML file")
         recipe = Path(argv[i + 1]).resolve()
         if not recipe.is_file():
-            raise SystemExit(f"--recipe: no such file: {recipe}")
+            _usage_error(f"--recipe: no such file: {recipe}")
         argv[i : i + 2] = ["--config-path", str(recipe.parent), "--config-name", recipe.stem]
     if not any(a.startswith("hydra.searchpath") for a in argv):
         argv.append(f"hydra.searchpath=[file://{CONFIG_DIR},file://{verl_config_dir()}]")
@@ -247,9 +376,58 @@ def compose_recipe(recipe: str | Path, overrides: list[str] | None = None) -> Di
         return compose(config_name=recipe.stem, overrides=[*(overrides or []), search])
 
 
+def _one_line(err: BaseException) -> str:
+    """Hydra's multi-line message (and its cause's) as one line, without the search-path dump."""
+    parts: list[str] = []
+    while err is not None:
+        for line in str(err).splitlines():
+            line = line.strip()
+            if line.startswith("Config search path"):
+                break
+            if line and not line.startswith(("full_key:", "object_type=", "provider=", "path=")):
+                parts.append(line)
+        err = err.__cause__
+    return " ".join(dict.fromkeys(parts)) or "invalid configuration"
+
+
+def composition_error(argv: list[str]) -> str | None:
+    """Compose the config as ``_hydra_main`` will (Hydra's compose API) and return Hydra's complaint as
+    one line, or None. Hydra itself would print it over several lines and exit 1."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    config_dir, config_name, overrides, i = str(CONFIG_DIR), "vlcal_trainer", [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config-path", "--config-name") and i + 1 < len(argv):
+            config_dir, config_name = (
+                (argv[i + 1], config_name) if arg == "--config-path" else (config_dir, argv[i + 1])
+            )
+            i += 2
+            continue
+        if not arg.startswith("-") and not arg.startswith("hydra"):
+            overrides.append(arg)
+        i += 1
+    search = f"hydra.searchpath=[file://{CONFIG_DIR},file://{verl_config_dir()}]"
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
+            compose(config_name=config_name, overrides=[*overrides, search])
+    except (HydraException, ValueError) as err:
+        return _one_line(err)
+    finally:
+        GlobalHydra.instance().clear()
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m vlcal_verl.main [--check] [--recipe FILE] [hydra args]``."""
-    sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:] if argv is None else argv)]
+    """``python -m vlcal_verl.main [--check] [--print-config] [--recipe FILE] [hydra args]``."""
+    args = hydra_argv(sys.argv[1:] if argv is None else argv)
+    problem = composition_error(args)
+    if problem is not None:
+        _usage_error(f"config error: {problem}")
+    sys.argv = [sys.argv[0], *args]
     _hydra_main()
 
 

@@ -91,6 +91,13 @@ def test_two_grpo_steps_checkpoint_and_resume(assets):
     assert m["vce/k_bar/mean"] > 0  # the masked image changed the policy: images reached the actor
     assert 0.9 - 1e-6 <= m["tar/weight_min"] <= m["tar/weight_max"] <= 1.1 + 1e-6
     assert any(s["data"]["tar/reweighted_fraction"] > 0 for s in steps)
+    # the default is the authors' run: the perception filter keeps ⌈20 %⌉ of each response's tokens for
+    # the policy-gradient loss inside verl's actor loss (1/n above 0.2 at most, responses ≤ 96 tokens)
+    for s in steps:
+        frac = s["data"]["actor/perception_token_fraction"]
+        assert 0.2 - 1e-6 <= frac <= 0.2 + 0.25, frac  # ⌈0.2·n⌉/n: 0.25 for a 4-token response
+        assert s["data"]["vce/perception_token_fraction"] == pytest.approx(frac, abs=0.05)
+        assert finite(s["data"]["actor/pg_loss"]) and finite(s["data"]["actor/kl_loss"])
     assert any(s["data"]["critic/advantages/max"] > s["data"]["critic/advantages/min"] for s in steps)
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     hf = ckpt / "global_step_2" / "actor" / "huggingface"
@@ -164,8 +171,10 @@ def two_image_data(assets):
 def test_two_images_equal_lengths_micro_batches_and_padded_layout(assets, two_image_data):
     """The layouts that crashed or were never run: two images per sample; one prompt × n rollouts all cut
     at the response limit (every sample on a rank the same length); several micro-batches per rank;
-    verl's padded (``use_remove_padding=false``) layout."""
+    verl's padded (``use_remove_padding=false``) layout — with this project's exact variant (full-vocabulary
+    KL on a truncated masked forward, no perception filter)."""
     overrides = [
+        "variant=exact",
         f"data.train_files={two_image_data}",
         "data.train_batch_size=1",
         "data.max_response_length=24",

@@ -12,7 +12,14 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from vlcal_verl.main import CONFIG_DIR, hydra_argv, prepare, verl_config_dir
+from vlcal_verl.main import (
+    CONFIG_DIR,
+    KNOWN_TOP_LEVEL_KEYS,
+    ConfigError,
+    hydra_argv,
+    prepare,
+    verl_config_dir,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
@@ -50,6 +57,18 @@ def test_recipe_passes_verl_validation(recipe):
     assert dict(cfg.data.mm_processor_kwargs) == {"min_pixels": 262144, "max_pixels": 4194304}
     assert cfg.reward.custom_reward_function.path == "pkg://vlcal_verl.rewards"
     assert dict(cfg.reward.custom_reward_function.reward_kwargs)["protocol"] == vcfg.reward.protocol
+    # the authors' released run: PPO clip (0.2, 0.3), dual clip 3.0, one optimizer step per rollout batch,
+    # validation every 10 steps, checkpoints every 100, no validation before training
+    assert (a.clip_ratio_low, a.clip_ratio_high, a.clip_ratio_c) == (0.2, 0.3, 3.0)
+    assert (a.ppo_mini_batch_size, a.ppo_epochs) == (cfg.data.train_batch_size, 1)
+    assert (cfg.trainer.test_freq, cfg.trainer.save_freq, cfg.trainer.val_before_train) == (10, 100, False)
+    # ... and its method: sampled-token signals, full masked forward, perception filter in verl's loss
+    assert vcfg.variant == "authors" and vcfg.reward.reference_parity
+    if vcfg.vce.enabled:
+        assert (vcfg.vce.estimator, vcfg.vce.entropy, vcfg.vce.scope) == ("reference", "nll", "full")
+        assert (vcfg.tar.kl, vcfg.tar.entropy, vcfg.tar.scope) == ("k3_clamped", "nll", "response")
+        assert vcfg.perception.enabled and vcfg.perception.top_fraction == 0.2
+        assert a.policy_loss.loss_mode == "vlcal_perception"
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
 
 
@@ -67,6 +86,37 @@ def test_every_ablation_composes(ablation):
     }[ablation]
     assert (v.reward.protocol, v.vce.enabled, v.vce.signal, v.tar.enabled) == expect
     assert (v.reward.w_vis == 0.0) == (not v.vce.enabled)
+    assert v.perception.enabled == v.vce.enabled  # the filter needs the masked forward
+    assert v.reward.w_brier == (0.8 if ablation == "rlcr" else 2.0)  # the authors' RLCR weight
+    # each row its own run name, hence its own checkpoint folder
+    assert cfg.trainer.experiment_name == ("qwen3_vl_4b" if ablation == "full" else f"qwen3_vl_4b-{ablation}")
+    assert str(cfg.trainer.default_local_dir).endswith(f"/{cfg.trainer.experiment_name}")
+
+
+def test_rows_and_variants_never_share_a_checkpoint_folder():
+    dirs = set()
+    for variant in ("authors", "exact"):
+        for ablation in ABLATIONS:
+            cfg = _compose("qwen3_vl_4b", [f"variant={variant}", f"ablation={ablation}"])
+            prepare(cfg)
+            dirs.add(str(cfg.trainer.default_local_dir))
+    assert len(dirs) == 2 * len(ABLATIONS)
+
+
+def test_exact_variant_is_one_switch():
+    cfg = _compose("qwen3_vl_4b", ["variant=exact"])
+    v = prepare(cfg)
+    assert (v.vce.estimator, v.vce.entropy, v.vce.scope) == ("exact", "distribution", "truncated")
+    assert (v.tar.kl, v.tar.entropy, v.tar.scope) == ("vce", "distribution", "vision_span")
+    assert not v.perception.enabled and not v.reward.reference_parity
+    assert cfg.actor_rollout_ref.actor.policy_loss.loss_mode == "vanilla"
+    assert cfg.trainer.experiment_name == "qwen3_vl_4b-exact"
+
+
+def test_known_top_level_keys_are_verls_plus_ours():
+    with initialize_config_dir(config_dir=str(verl_config_dir()), version_base=None):
+        verl_keys = set(compose(config_name="ppo_trainer").keys())
+    assert verl_keys | {"vlcal", "demo", "vlcal_model_family"} == KNOWN_TOP_LEVEL_KEYS
 
 
 def test_moe_recipe_parallelism():
@@ -79,7 +129,7 @@ def test_moe_recipe_parallelism():
 
 
 def test_internvl_recipe_refused_with_reason():
-    with pytest.raises(NotImplementedError, match="no InternVL support"):
+    with pytest.raises(ConfigError, match="no InternVL support"):
         prepare(_compose("internvl3_5_4b"))
 
 
@@ -93,6 +143,7 @@ def test_reward_server_url_switches_to_client():
 
     opts = ClientOptions.from_kwargs(dict(crf.reward_kwargs))  # H4's client accepts exactly these
     assert (opts.server_url, opts.w_vis, opts.protocol) == ("http://rm:8000", 0.4, "decoupled")
+    assert opts.reference_parity is True  # variant=authors: the server scores with the authors' rules too
 
 
 def test_in_process_reward_kwargs_are_accepted_by_compute_score():
@@ -117,6 +168,16 @@ def test_in_process_reward_kwargs_are_accepted_by_compute_score():
         ("trainer.v1.trainer_mode=colocate_async", ValueError, "trainer_mode=sync"),
         ("actor_rollout_ref.actor.ulysses_sequence_parallel_size=2", ValueError, "ulysses"),
         ("actor_rollout_ref.rollout.temperature=0", AssertionError, "temperature should be greater than 0"),
+        ("vlcal.tar.scope=vision-span", ConfigError, r"vlcal.tar.scope must be one of \['vision_span'"),
+        ("vlcal.reward.protocol=decoupledd", ConfigError, "vlcal.reward.protocol must be one of"),
+        ("vlcal.vce.estimator=k4", ConfigError, "vlcal.vce.estimator must be one of"),
+        ("vlcal.reward.w_brier=.nan", ConfigError, "vlcal.reward.w_brier must be a finite number"),
+        ("trainer.nnodes=two", ConfigError, "trainer.nnodes must be a positive integer"),
+        ("trainer.n_gpus_per_node=eight", ConfigError, "trainer.n_gpus_per_node must be a positive integer"),
+        ("actor_rollout_ref.rollout.n=1", ConfigError, r"rollout.n must be an integer >= 2"),
+        ("+trainerr.total_epochs=1", ConfigError, r"unknown top-level key\(s\) \['trainerr'\]"),
+        ("vlcal.vce.scope=truncated", ConfigError, "needs vlcal.vce.scope='full'"),
+        ("actor_rollout_ref.actor.policy_loss.loss_mode=gspo", ConfigError, "loss_mode='gspo'"),
     ],
 )
 def test_bad_configs_fail_before_gpu_work(override, error, match):
@@ -134,6 +195,7 @@ def test_hydra_argv_translates_recipe_and_check(monkeypatch):
     argv = hydra_argv(["--check", "--recipe", str(RECIPES / "qwen3_vl_4b.yaml"), "ablation=rlcr"])
     assert argv[:4] == ["--config-path", str(RECIPES), "--config-name", "qwen3_vl_4b"]
     assert "ablation=rlcr" in argv and argv[-1] == SEARCH
+    assert "hydra.output_subdir=null" in argv and "hydra.run.dir=." in argv  # a check writes nothing
     import os
 
     assert os.environ["VLCAL_CHECK_ONLY"] == "1"
@@ -186,3 +248,44 @@ def test_cpu_device_check_in_a_fresh_process(args):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "[vlcal] config OK" in out.stdout
     assert "Falling back to 'nvidia'" not in out.stdout + out.stderr  # the CPU platform was chosen
+
+
+def _check(args: list[str], cwd: Path):
+    import subprocess
+    import sys
+
+    from vlcal_verl.testing.ray_local import private_ray_env
+
+    return subprocess.run(
+        [sys.executable, "-m", "vlcal_verl.main", "--check", *args],
+        cwd=cwd, env=private_ray_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_check_writes_nothing_prints_config_and_warns_about_missing_paths(tmp_path):
+    out = _check(["--print-config", "--recipe", str(RECIPES / "qwen3_vl_4b.yaml")], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []  # no outputs/DATE/, no .hydra, no log file
+    printed = OmegaConf.create(
+        out.stdout[out.stdout.index("actor_rollout_ref:") :].split("[vlcal] package")[0]
+    )
+    assert printed.actor_rollout_ref.actor.policy_loss.loss_mode == "vlcal_perception"  # after the wiring
+    assert printed.vlcal.variant == "authors"
+    assert "[vlcal] warning: actor_rollout_ref.model.path does not exist here" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["vlcal.reward.w_brierr=1"], "config error: Could not override 'vlcal.reward.w_brierr'"),
+        (["variant=exactt"], "Available options in 'variant': authors exact"),
+        (["vlcal.vce.mask_prob=abc"], "vlcal.vce.mask_prob must be a number"),
+        (["trainer.n_gpus_per_node=eight"], "trainer.n_gpus_per_node must be a positive integer"),
+    ],
+)
+def test_check_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
+    out = _check(["--recipe", str(RECIPES / "qwen3_vl_4b.yaml"), *args], tmp_path)
+    assert out.returncode == 2
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("[vlcal]")]
+    assert len(errors) == 1 and message in errors[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
