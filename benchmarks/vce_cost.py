@@ -1,29 +1,29 @@
-"""Cost of VCE relative to the plain log-prob + entropy forward that verl's ``old_log_prob`` runs.
+"""Cost of VCE on verl's engine, relative to verl's own old-log-prob pass (log-probs + entropy).
 
-One run, one Markdown table. A random-weight Qwen3-VL built from a config (no download), a batch laid
-out like verl's (left-padded prompt with one image + right-padded response), a vision span of
-``--span`` tokens starting ``--span-start`` tokens into the response (where ``<vision>`` opens).
+One run, one Markdown table. A random-weight Qwen3-VL built from a config (no download), a per-sample
+(jagged) batch laid out as verl's TransferQueue hands it to the actor (prompt with one image, response,
+3-D rope positions), a vision span of ``--span`` tokens starting 8 tokens into the response. Every row
+goes through verl 0.9.1's ``FSDPEngineWithLMHead.infer_batch`` (its dynamic-batch micro-batching,
+``prepare_model_inputs``, ``forward_step``, output re-ordering) on one rank:
 
-Rows (every VCE row times only the *extra* work VCE adds on top of the plain forward):
+* **plain old-log-prob**: verl's own pass with ``calculate_entropy`` (what ``_compute_old_log_prob``
+  runs) — the baseline;
+* **separate compute_vce: truncated + exact**: the extra actor call VCE made before fusion (original +
+  masked forward of the truncated sequences);
+* **fused: truncated + exact**: one call doing verl's pass *and* VCE (verl's forward yields the span
+  rows' logits, then one truncated masked forward) — this project's ``variant=exact``;
+* **fused: full + sampled (authors' variant)**: verl's pass + one full masked forward, sampled-token
+  log-probs only — ``variant=authors``;
+* **authors' approach: second full masked log-prob pass**: what their code does — verl's pass run again
+  with masked images, then the sampled-token KL.
 
-* **plain**: ``model(...)`` full logits → verl's ``logprobs_from_logits`` + ``entropy_from_logits`` on
-  the response (what ``old_log_prob`` computes).
-* **plain + capture**: the same with :func:`vlcal_verl.vce.capture_response_hidden` (keeps the final
-  hidden states [B, R, d] that the VCE rows reuse as the original distribution).
-* **authors**: mask the image, run the *full* masked forward with full logits, log-probs of the
-  response, ``reference`` estimator on the span (their pipeline).
-* **ours exact / k3, truncated**: :func:`vlcal_verl.vce.compute_vce_signals` with the captured hidden
-  states: masked forward cut at the span end, lm_head only on span rows, exact KL in chunks.
-* **ours exact, truncated, standalone**: without captured states (a second truncated forward for the
-  original image) — what an engine pays if it cannot hook its log-prob forward.
-* **ours exact, full**: the whole response (needed by TAR scope 'response').
-
-Memory: on CUDA ``torch.cuda.max_memory_allocated`` over the call (absolute, weights included) after
-``reset_peak_memory_stats``; on CPU the peak resident set size (sampled every 1 ms by a thread, glibc
-mmap threshold pinned to 64 KiB so freed tensors return to the OS) minus the RSS before the call.
-Times: ``--warmup`` calls, then the median of ``--repeats`` (CUDA synchronised).
+"× plain" is the **added** time over the plain pass: for the separate rows their own time, for fused
+rows (fused − plain). Memory: on CUDA ``max_memory_allocated`` during the call; on CPU the peak RSS
+increase during the call (sampled every 1 ms, glibc mmap threshold pinned to 64 KiB).
+Times: ``--warmup`` calls, then the median of ``--repeats``.
 
 Usage: ``python benchmarks/vce_cost.py --shape tiny`` (CPU) or ``--shape qwen3-vl-4b`` (GPU, bf16, sdpa).
+Rows whose names start with ``fused`` are the fused calls (a script can read them).
 """
 
 from __future__ import annotations
@@ -122,60 +122,49 @@ def build_model(shape: dict, device, dtype):
     return model.eval()
 
 
-def make_batch(shape: dict, device, dtype):
-    """verl layout: [prompt (one image, left-padded) | response (right-padded)], plus spans."""
+def make_verl_batch(shape: dict, model, dtype):
+    """The per-sample batch verl's actor gets (jagged prompts/responses/ids/positions, multi-modal inputs),
+    spans [B, 2] and the mask ids ``{uid}_{session}``."""
     import torch
+    from tensordict import NonTensorStack, TensorDict
+
+    from vlcal_verl.verl_ext.nested import nested_rows
 
     g = torch.Generator().manual_seed(0)
     b, r, patches = shape["batch"], shape["response"], shape["image"] // 16
     n_img = patches * patches // 4
-    prompts = []
-    for i in range(b):  # variable question lengths → left padding
+    rows, spans = [], []
+    for i in range(b):
         q = torch.randint(0, 150000, (20 + 3 * i,), generator=g).tolist()
-        prompts.append(
+        prompt = torch.tensor(
             [151644, 872, 198, VISION_START]
             + [IMAGE_PAD] * n_img
             + [VISION_END, *q, 151645, 198, 151644, 77091, 198]
         )
-    p = max(map(len, prompts))
-    ids = torch.full((b, p + r), 151643, dtype=torch.long)
-    att = torch.zeros(b, p + r, dtype=torch.long)
-    resp_lens = [r - 16 * i for i in range(b)]
-    responses = torch.full((b, r), 151643, dtype=torch.long)
-    for i, (pr, rl) in enumerate(zip(prompts, resp_lens, strict=True)):
-        ids[i, p - len(pr) : p] = torch.tensor(pr)
-        att[i, p - len(pr) : p + rl] = 1
-        responses[i, :rl] = torch.randint(0, 150000, (rl,), generator=g)
-    ids[:, p:] = responses
-    mm = (ids == IMAGE_PAD).int()
-    rows = b * patches * patches
-    batch = {
-        "input_ids": ids,
-        "attention_mask": att,
-        "responses": responses,
-        "response_mask": att[:, p:],
-        "mm_token_type_ids": mm,
-        "image_grid_thw": torch.tensor([[1, patches, patches]] * b),
-        "pixel_values": torch.randn(rows, 3 * 2 * 16 * 16, generator=g),
-    }
-    batch = {k: v.to(device) for k, v in batch.items()}
-    batch["pixel_values"] = batch["pixel_values"].to(dtype)
-    batch["uid"] = [f"sample-{i}" for i in range(b)]
-    start = shape.get("span_start", 8)
-    spans = [(start, start + shape["span"])] * b
-    return batch, spans
-
-
-MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
-
-
-def plain_logprob_entropy(model, batch):
-    from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits
-
-    r = batch["responses"].shape[1]
-    logits = model(**{k: batch[k] for k in MODEL_KEYS}, use_cache=False).logits
-    logits = logits[:, -r - 1 : -1]
-    return logprobs_from_logits(logits, batch["responses"]), entropy_from_logits(logits)
+        resp = torch.randint(0, 150000, (r - 16 * i,), generator=g)
+        ids = torch.cat([prompt, resp])
+        grid = torch.tensor([[1, patches, patches]])
+        mm_tt = (ids == IMAGE_PAD).int()[None]
+        vis, _ = model.model.get_rope_index(ids[None], mm_tt, grid, attention_mask=torch.ones_like(ids)[None])
+        pos = torch.cat([torch.arange(len(ids))[None], vis[:, 0].cpu()], 0)
+        pv = torch.randn(patches * patches, 3 * 2 * 16 * 16, generator=g).to(dtype)
+        rows.append({"prompts": prompt, "responses": resp, "input_ids": ids, "position_ids": pos,
+                     "mm": {"pixel_values": pv, "image_grid_thw": grid}})  # fmt: skip
+        spans.append([8, 8 + shape["span"]])
+    data = TensorDict(
+        {
+            **{
+                k: nested_rows([row[k] for row in rows])
+                for k in ("prompts", "responses", "input_ids", "position_ids")
+            },
+            "loss_mask": nested_rows([torch.ones_like(row["responses"]) for row in rows]),
+            "multi_modal_inputs": NonTensorStack(*[row["mm"] for row in rows]),
+            "uid": NonTensorStack(*[f"u{i}" for i in range(b)]),
+            "session_id": NonTensorStack(*[0] * b),
+        },
+        batch_size=b,
+    )
+    return data, torch.tensor(spans), [f"u{i}_0" for i in range(b)]
 
 
 class RssPeak:
@@ -239,56 +228,72 @@ def _trim():
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def rows(model, batch, spans, args):
+def rows(model, data, spans, mask_ids, args, device):
+    """(label, callable) per row; every callable runs one verl ``infer_batch``."""
     import torch
+    from verl.utils import tensordict_utils as tu
 
     from vlcal_verl.config import VCEConfig
-    from vlcal_verl.vce import capture_response_hidden, compute_vce_signals
-    from vlcal_verl.vce_mask import batch_cell_masks, black_row, mask_pixel_values
+    from vlcal_verl.token_signals import sampled_kl
+    from vlcal_verl.vce_mask import black_row
+    from vlcal_verl.verl_ext.check import bare_engine
+    from vlcal_verl.verl_ext.vce_engine import (
+        mask_multi_modal_inputs,
+        prepare_vce_batch,
+        vce_forward_installed,
+    )
+    from vlcal_verl.verl_ext.vce_fused import add_vce_targets, fused_forward_installed
 
     black = black_row([0.5] * 3, [0.5] * 3, 2, 16)
-    r = batch["responses"].shape[1]
-    with torch.no_grad(), capture_response_hidden(model, r) as store:
-        old_logp, _ = plain_logprob_entropy(model, batch)
-    hidden = store["hidden"]
+    eng = bare_engine(model, torch.float32 if args.dtype_obj == torch.float32 else args.dtype_obj)
+    max_tokens = int(data["input_ids"].offsets().diff().max()) * args.per_micro
+
+    def settings(batch):
+        batch = batch.clone(recurse=False)
+        tu.assign_non_tensor(
+            batch, use_remove_padding=True, use_dynamic_bsz=True, temperature=1.0, calculate_entropy=True,
+            max_token_len_per_gpu=max_tokens,
+        )  # fmt: skip
+        return batch
 
     def plain():
-        with torch.no_grad():
-            plain_logprob_entropy(model, batch)
+        return eng.infer_batch(settings(data), loss_function=None)["model_output"]
 
-    def plain_capture():
-        with torch.no_grad(), capture_response_hidden(model, r):
-            plain_logprob_entropy(model, batch)
+    exact = VCEConfig(scope="truncated", estimator="exact", vocab_chunk_tokens=args.chunk)
+    authors = VCEConfig(scope="full", estimator="reference", entropy="nll", vocab_chunk_tokens=args.chunk)
 
-    def authors():
-        from verl.utils.torch_functional import logprobs_from_logits
+    def separate():
+        prepared = settings(prepare_vce_batch(data, spans, exact, black, 2, mask_ids))
+        with vce_forward_installed(eng, exact, device=device):
+            return eng.infer_batch(prepared, loss_function=None)["model_output"]
 
-        with torch.no_grad():
-            masks = batch_cell_masks(batch["image_grid_thw"], [1] * len(spans), batch["uid"], 0.8, 0, 2)
-            pv = mask_pixel_values(batch["pixel_values"], batch["image_grid_thw"], masks, 2, black)
-            logits = model(
-                **{k: batch[k] for k in MODEL_KEYS if k != "pixel_values"}, pixel_values=pv, use_cache=False
-            ).logits[:, -r - 1 : -1]
-            aug = logprobs_from_logits(logits, batch["responses"])
-            s, e = spans[0]
-            # the reference estimator needs only the two log-probs of y_t
-            d = (old_logp[:, s:e] - aug[:, s:e]).float().clamp(-20, 20)
-            (old_logp[:, s:e].float().exp() * d).clamp(0, 10).mean(-1)
+    def fused(cfg):
+        def run():
+            batch = settings(data)
+            add_vce_targets(batch, spans, cfg, mask_ids)
+            with fused_forward_installed(eng, cfg, black, 2, device=device):
+                return eng.infer_batch(batch, loss_function=None)["model_output"]
 
-    def ours(estimator="exact", scope="truncated", reuse=True):
-        cfg = VCEConfig(estimator=estimator, scope=scope, vocab_chunk_tokens=args.chunk)
-        return lambda: compute_vce_signals(
-            model, batch, spans, cfg, black=black, orig_hidden=hidden if reuse else None
-        )
+        return run
+
+    old = plain()["log_probs"]
+
+    def authors_approach():
+        masked = data.clone(recurse=False)
+        mm = mask_multi_modal_inputs(list(data["multi_modal_inputs"]), mask_ids, authors, black, 2)
+        from tensordict import NonTensorStack
+
+        masked["multi_modal_inputs"] = NonTensorStack(*mm)
+        aug = eng.infer_batch(settings(masked), loss_function=None)["model_output"]["log_probs"]
+        for o, a in zip(old.unbind(), aug.unbind(), strict=True):
+            sampled_kl(o, a, "reference")
 
     return [
-        ("plain log-prob + entropy (verl old_log_prob)", plain),
-        ("plain + capture of span hidden states", plain_capture),
-        ("authors: full masked forward + reference", authors),
-        ("ours: truncated + exact KL (chunked)", ours()),
-        ("ours: truncated + k3", ours("k3")),
-        ("ours: truncated + exact, standalone (2 fwd)", ours(reuse=False)),
-        ("ours: full + exact (TAR scope response)", ours(scope="full")),
+        ("plain old-log-prob (verl: log-probs + entropy)", plain, False),
+        ("separate compute_vce: truncated + exact", separate, False),
+        ("fused: truncated + exact", fused(exact), True),
+        ("fused: full + sampled (authors' variant)", fused(authors), True),
+        ("authors' approach: second full masked log-prob pass", authors_approach, False),
     ]
 
 
@@ -299,6 +304,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=256, help="vce.vocab_chunk_tokens")
+    ap.add_argument(
+        "--per-micro", type=int, default=2, help="samples per micro-batch (dynamic batching budget)"
+    )
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--response", type=int, default=None)
     ap.add_argument("--span", type=int, default=None)
@@ -332,27 +340,46 @@ def main(argv=None) -> int:
         if device.type == "cuda"
         else torch.float32
     )
+    args.dtype_obj = dtype
+    import socket
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # verl's micro-batching all-reduces token counts over the DP group
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    from verl.workers.engine.fsdp import transformer_impl
+
+    dev_id = device.index if device.type == "cuda" else "cpu"
+    transformer_impl.get_device_id = lambda: dev_id  # verl's step moves micro-batches to "the" accelerator
+    transformer_impl.get_device_name = lambda: device.type
     model = build_model(shape, device, dtype)
-    batch, spans = make_batch(shape, device, dtype)
+    data, spans, mask_ids = make_verl_batch(shape, model, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} threads)"
-    p = batch["input_ids"].shape[1] - shape["response"]
-    print(f"# VCE cost, shape={args.shape}, device={name}, dtype={dtype}, torch {torch.__version__}\n")
+    p = int(data["prompts"].offsets().diff()[0])
+    print(
+        f"# VCE cost on verl's engine, shape={args.shape}, device={name}, dtype={dtype}, torch {torch.__version__}\n"
+    )
     print(
         f"B={shape['batch']}, image {shape['image']}×{shape['image']} ({(shape['image'] // 32) ** 2} image "
-        f"tokens), prompt {p} tokens, response {shape['response']}, vision span {shape['span']} "
-        f"(starts at token {spans[0][0]}), vocab 151936, chunk {args.chunk}; truncated masked input "
-        f"{p + spans[0][1] - 1} of {p + shape['response']} columns; median of {args.repeats} after "
-        f"{args.warmup} warm-up\n"
+        f"tokens), prompt ~{p} tokens, response ≤ {shape['response']}, vision span {shape['span']} "
+        f"(tokens 8..{8 + shape['span']}), vocab 151936, chunk {args.chunk}, {args.per_micro} samples per "
+        f"micro-batch, packed layout; median of {args.repeats} after {args.warmup} warm-up\n"
     )
     mem_name = "peak allocated (GiB)" if device.type == "cuda" else "peak RSS increase (MiB)"
     unit = 2**30 if device.type == "cuda" else 2**20
     print(f"| row | time (s) | × plain | {mem_name} |\n|---|---:|---:|---:|")
     base = None
-    for label, fn in rows(model, batch, spans, args):
+    for label, fn, includes_plain in rows(model, data, spans, mask_ids, args, device):
         t, mem = measure(fn, device, args.warmup, args.repeats)
         base = base or t
-        print(f"| {label} | {t:.3f} | {t / base:.2f} | {mem / unit:.2f} |", flush=True)
-    print("\nVCE rows time only the extra VCE work; '× plain' for them is the added cost of VCE.")
+        added = (t - base) if includes_plain else t
+        ratio = 1.0 if label.startswith("plain") else added / base
+        print(f"| {label} | {t:.3f} | {ratio:.2f} | {mem / unit:.2f} |", flush=True)
+    print("\n'× plain': the time VCE adds to verl's old-log-prob pass, as a multiple of that pass.")
     return 0
 
 

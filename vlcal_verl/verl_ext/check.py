@@ -86,7 +86,9 @@ def bare_engine(model: Any, autocast_dtype: torch.dtype = torch.float32) -> Any:
     eng.ulysses_sequence_parallel_size, eng._autocast_dtype = 1, autocast_dtype
     eng.get_data_parallel_group = lambda: None
     eng.engine_config = SimpleNamespace(
-        entropy_checkpointing=False, entropy_from_logits_with_chunking=False, entropy_from_logits_chunk_size=2048
+        entropy_checkpointing=False,
+        entropy_from_logits_with_chunking=False,
+        entropy_from_logits_chunk_size=2048,
     )
     eng.compute_entropy_from_logits = verl_F.entropy_from_logits
     return eng

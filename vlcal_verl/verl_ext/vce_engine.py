@@ -33,7 +33,6 @@ import torch
 from tensordict import NonTensorStack, TensorDict
 
 from vlcal_verl.config import VCEConfig
-from vlcal_verl.vce import token_kl_entropy
 from vlcal_verl.vce_mask import batch_cell_masks, mask_pixel_values, mask_pixel_values_px, pixel_cell_masks
 from vlcal_verl.verl_ext.nested import nested_rows
 
@@ -163,14 +162,24 @@ def target_rows(
 
 
 @contextlib.contextmanager
-def lm_head_rows(model: Any, b_idx: torch.Tensor, col: torch.Tensor, remove_padding: bool) -> Iterator[None]:
-    """Feed the lm_head only the hidden states at (b_idx, col): logits become [1, N, V]."""
+def lm_head_rows(
+    model: Any,
+    b_idx: torch.Tensor,
+    col: torch.Tensor,
+    remove_padding: bool,
+    extra: torch.Tensor | None = None,
+) -> Iterator[None]:
+    """Feed the lm_head only the hidden states at (b_idx, col): logits become [1, N, V]. ``extra``
+    [M, d] hidden states are appended (logits [1, N + M, V]): the fused pass's original rows go through
+    the head inside the masked forward, where FSDP has its weights gathered."""
     inner = getattr(model, "module", model)
     head = inner.get_output_embeddings()
 
     def hook(_module, args):
         h = args[0]
         picked = h[0, col.to(h.device)] if remove_padding else h[b_idx.to(h.device), col.to(h.device)]
+        if extra is not None:
+            picked = torch.cat([picked, extra.to(device=picked.device, dtype=picked.dtype)])
         return (picked.unsqueeze(0), *args[1:])
 
     handle = head.register_forward_pre_hook(hook)
@@ -212,15 +221,24 @@ def _chunked(
     lo: torch.Tensor | None, lm: torch.Tensor, labels: torch.Tensor, cfg: VCEConfig, temperature: float
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """(KL_t, H_t, log p_masked(y_t)) over the target rows, ``vocab_chunk_tokens`` rows at a time;
-    KL_t and H_t are None without original logits."""
+    KL_t and H_t are None without original logits.
+
+    Per chunk: one logsumexp per distribution, one exp, two row dots —
+    H_t = lse_o − Σ p_o·l_o and KL_t = Σ p_o·l_o − Σ p_o·l_m + lse_m − lse_o = lse_m − Σ p_o·l_m − H_t
+    (as :func:`vlcal_verl.vce.token_kl_entropy`, sharing its terms with log p_masked)."""
     kls, ents, lps = [], [], []
     for s in range(0, lm.shape[0], cfg.vocab_chunk_tokens):
         sl = slice(s, s + cfg.vocab_chunk_tokens)
         m = _scaled_float(lm[sl], temperature)
-        lps.append((m.gather(-1, labels[sl].long().unsqueeze(-1)).squeeze(-1) - m.logsumexp(-1)).float())
+        lse_m = m.logsumexp(-1)
+        lps.append((m.gather(-1, labels[sl].long().unsqueeze(-1)).squeeze(-1) - lse_m).float())
         if lo is not None:
-            kl, ent = token_kl_entropy(lo[sl], lm[sl], labels[sl], "exact", temperature)
-            kls.append(kl.float())
+            o = _scaled_float(lo[sl], temperature)
+            lse_o = o.logsumexp(-1)
+            p_o = (o - lse_o.unsqueeze(-1)).exp_()
+            ent = lse_o - _row_dot(p_o, o)
+            kl = lse_m - _row_dot(p_o, m) - ent
+            kls.append(kl.clamp_min(0.0).float())
             ents.append(ent.float())
     empty = torch.zeros(0, dtype=torch.float32, device=lm.device)
     masked = torch.cat(lps) if lps else empty
@@ -229,20 +247,25 @@ def _chunked(
     return (torch.cat(kls), torch.cat(ents), masked) if kls else (empty, empty.clone(), masked)
 
 
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).reshape(a.shape[:-1])
+
+
 def _scaled_float(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     x = logits.double() if logits.dtype == torch.float64 else logits.float()
     return x if temperature == 1.0 else x / temperature
 
 
 def masked_pass(
-    engine: Any, micro_batch: TensorDict, cfg: VCEConfig, device: Any, orig_logits: torch.Tensor | None = None
+    engine: Any, micro_batch: TensorDict, cfg: VCEConfig, device: Any, orig_hidden: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
     """The masked forward of one prepared micro-batch (truncated ids, masked multi-modal inputs,
     ``vce_t_*`` targets) → ``vce_masked_logp`` and, for the ``exact`` estimator, ``vce_kl`` /
     ``vce_entropy``, jagged [B, R_b] float32 (0 off target tokens).
 
-    The exact KL needs the original logits of the target rows: ``orig_logits`` [N, V] when the caller
-    already has them (the fused pass), else an original forward of the same truncated sequences runs here.
+    The exact KL needs the original distribution of the target rows: from ``orig_hidden`` [N, d] (the
+    final hidden states verl's own forward computed, kept by the fused pass; they join the masked rows in
+    one LM-head call), else from an original forward of the same truncated sequences run here.
     """
     if getattr(engine, "use_ulysses_sp", False):
         raise NotImplementedError("VCE needs ulysses_sequence_parallel_size == 1")
@@ -259,14 +282,18 @@ def masked_pass(
     b_idx, t_idx, col = target_rows(micro_batch, remove_padding)
     # Every forward runs even when this micro-batch has no targets: FSDP's all-gathers are collective, and
     # every DP rank must run the same number of forwards (verl aligns micro-batch counts across ranks).
-    with torch.no_grad(), _autocast(engine, device), lm_head_rows(engine.module, b_idx, col, remove_padding):
-        lo = orig_logits
-        if lo is None and needs_original_forward(cfg):
-            lo = _logits(engine.module(**model_inputs, use_cache=False))[0]
-        lm = _logits(engine.module(**masked_inputs, use_cache=False))[0]
+    extra = orig_hidden if needs_original_forward(cfg) else None
+    with torch.no_grad(), _autocast(engine, device):
+        lo = None
+        if extra is None and needs_original_forward(cfg):
+            with lm_head_rows(engine.module, b_idx, col, remove_padding):
+                lo = _logits(engine.module(**model_inputs, use_cache=False))[0]
+        with lm_head_rows(engine.module, b_idx, col, remove_padding, extra=extra):
+            lm = _logits(engine.module(**masked_inputs, use_cache=False))[0]
+        if extra is not None:
+            lm, lo = lm[: len(b_idx)], lm[len(b_idx) :]
     responses = micro_batch["responses"]
     labels = responses.values()[responses.offsets()[b_idx.to(responses.device)] + t_idx.to(responses.device)]
-    lo = lo.to(lm.device) if lo is not None and needs_original_forward(cfg) else None
     kl, ent, masked_logp = _chunked(lo, lm, labels.to(lm.device), cfg, _scalar_temperature(micro_batch))
     r_lens = responses.offsets().diff().cpu().tolist()
 

@@ -2,17 +2,18 @@
 
 verl's trainer computes the old log-probs (and entropy) with an original forward of every sequence. The
 fused pass makes that same forward yield VCE's original distribution: while verl's own
-``forward_step`` runs (unchanged, called as verl defines it), a forward hook on the output embedding
-keeps the logits of the rows that predict the target tokens (the vision span for the ``exact``
+``forward_step`` runs (unchanged, called as verl defines it), a pre-hook on the output embedding keeps
+the final hidden states of the rows that predict the target tokens (the vision span for the ``exact``
 estimator; nothing at all for the sampled-token estimators, which read verl's log-probs instead). Then
 the masked forward runs on the same micro-batch — truncated at each span end, or over the whole response
-for the authors' variant — and :func:`vlcal_verl.verl_ext.vce_engine.masked_pass` turns the two into
+for the authors' variant; the kept rows join the masked rows in its one LM-head call (FSDP has the head's
+weights gathered there), and :func:`vlcal_verl.verl_ext.vce_engine.masked_pass` turns both into
 KL_t / H_t / log p_masked(y_t). verl's ``log_probs`` / ``entropy`` and the VCE fields come back from the
 one ``compute_log_prob`` call and reach TransferQueue together.
 
 Against the separate ``compute_vce`` call this saves the original forward of the truncated sequences
-(exact) and a second pass over verl's micro-batching; no ``[tokens × vocab]`` tensor of the sequence is
-kept (only the target rows), and every DP rank runs the same forwards in the same micro-batches.
+(exact) and a second pass over verl's micro-batching; only [targets × hidden] rows are kept between the
+two forwards, never logits, and every DP rank runs the same forwards in the same micro-batches.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from vlcal_verl.verl_ext.nested import nested_rows
 from vlcal_verl.verl_ext.vce_engine import (
     MASKED_MM_KEY,
     _default_device,
-    _logits,
     mask_multi_modal_inputs,
     masked_pass,
     needs_original_forward,
@@ -72,24 +72,21 @@ def masked_micro_batch(
 
 
 @contextlib.contextmanager
-def keep_target_logits(
+def keep_target_hidden(
     model: Any, b_idx: torch.Tensor, col: torch.Tensor, remove_padding: bool
 ) -> Iterator[list]:
-    """During one forward, keep the output embedding's logits at (b_idx, col) (a copy of those rows)."""
+    """During one forward, keep the final hidden states at (b_idx, col) — the LM head's input rows that
+    predict the target tokens ([N, d], a copy; the head itself still sees every row, as verl needs)."""
     inner = getattr(model, "module", model)
     head = inner.get_output_embeddings()
     kept: list[torch.Tensor] = []
 
-    def hook(_module, _args, out):
-        logits = _logits({"logits": out})
-        rows = (
-            logits[0, col.to(logits.device)]
-            if remove_padding
-            else logits[b_idx.to(logits.device), col.to(logits.device)]
-        )
-        kept.append(rows.detach().clone())
+    def hook(_module, args):
+        h = args[0]
+        rows = h[0, col.to(h.device)] if remove_padding else h[b_idx.to(h.device), col.to(h.device)]
+        kept.append(rows.detach())  # advanced indexing copies
 
-    handle = head.register_forward_hook(hook)
+    handle = head.register_forward_pre_hook(hook)
     try:
         yield kept
     finally:
@@ -117,7 +114,7 @@ def fused_forward_step(
     verl_step = type(engine).forward_step  # the class's step: the instance attribute is this function
     if needs_original_forward(cfg):
         b_idx, _, col = target_rows(micro_batch, remove_padding)
-        with keep_target_logits(engine.module, b_idx, col, remove_padding) as kept:
+        with keep_target_hidden(engine.module, b_idx, col, remove_padding) as kept:
             loss, output = verl_step(engine, micro_batch, loss_function, forward_only)
         if len(kept) != 1:
             raise RuntimeError(f"fused VCE: expected one LM-head call in verl's forward, saw {len(kept)}")
@@ -126,7 +123,7 @@ def fused_forward_step(
         loss, output = verl_step(engine, micro_batch, loss_function, forward_only)
         orig = None
     masked = masked_micro_batch(micro_batch, cfg, black, merge_size, patch_size)
-    output["model_output"].update(masked_pass(engine, masked, cfg, device, orig_logits=orig))
+    output["model_output"].update(masked_pass(engine, masked, cfg, device, orig_hidden=orig))
     return loss, output
 
 
