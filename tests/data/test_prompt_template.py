@@ -67,3 +67,14 @@ def test_cli_refuses_a_bad_template_before_any_work(tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 2 and "no such file" in out.stderr and not (tmp_path / "o").exists()
+
+
+def test_eval_refuses_a_bad_template_before_loading_a_model(tmp_path):
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("no question")
+    out = subprocess.run(
+        [sys.executable, "-m", "vlcal_verl.cli", "eval", "--model", "tiny:qwen3-vl", "--bench", "easy-vqa",
+         "--out", str(tmp_path / "r"), "--prompt-template", str(bad)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2 and "never uses {{ content }}" in out.stderr and not (tmp_path / "r").exists()

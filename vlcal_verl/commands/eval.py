@@ -86,6 +86,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
     p.add_argument("--batch-size", type=int, default=16, help="HF backend: prompts per generate call")
     p.add_argument("--protocol", choices=("decoupled", "rlcr"), default="decoupled")
+    p.add_argument(
+        "--prompt-template",
+        type=Path,
+        default=None,
+        help="Jinja file rendering {{ content }} (the question), as given to `vlcal data` for training "
+        "(also read from $VLCAL_PROMPT_TEMPLATE)",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling, VCE masks and bootstrap draws")
     p.add_argument(
         "--judgments", type=Path, help="JSON {uid: 0|1} external visual judgments (S̃_vis agreement)"
@@ -386,6 +393,12 @@ def run(args: argparse.Namespace) -> int:
     if args.compare or args.aggregate:
         return _run_summary(args)
     try:
+        from vlcal_verl.commands.data import use_prompt_template
+
+        try:
+            use_prompt_template(args.prompt_template)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
         plan = _validate(args)
         if args.generations:
             rows = _read_generations(args.generations)
