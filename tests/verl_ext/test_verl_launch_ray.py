@@ -214,7 +214,7 @@ def test_ray_job_submit_runs_config_check_on_local_head():
             [*ray, "logs", sid, "--address", address], env=env, capture_output=True, text=True, timeout=60
         ).stdout
         assert "succeeded" in status.lower(), f"job status: {status}\n--- logs ---\n{logs[-3000:]}"
-        assert "[vlcal] config OK" in logs and "variant=rlcr" in logs
+        assert "[vlcal] config OK" in logs and "ablation=rlcr" in logs, logs[-3000:]
         pkg = next(line for line in logs.splitlines() if line.startswith("[vlcal] package:"))
         assert str(ROOT) not in pkg, f"the job must import the shipped working_dir copy, got {pkg}"
     finally:
