@@ -1,8 +1,10 @@
 """Typed configuration for the ``vlcal:`` block.
 
-Both engines (verl and local) and the reward server read these dataclasses; Hydra/OmegaConf YAML
-composes them (``OmegaConf.structured``), so a typo in a recipe is an error, not a silent default.
-Defaults are the authors' (docs/design.md §3-§6).
+The verl trainer, evaluation and the reward server read these dataclasses; the Hydra YAML of a run is
+checked against them (unknown keys, wrong types and invalid combinations name the field). The dataclass
+defaults are this project's exact computation with the authors' weights; a training run composes the
+``variant`` config group on top — ``authors`` (their released run) by default, ``exact`` equal to these
+defaults (docs/design.md §10).
 """
 
 from __future__ import annotations
