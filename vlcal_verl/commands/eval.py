@@ -282,7 +282,11 @@ def _validate(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- generation
 
 
-def _read_generations(path: Path) -> list[dict]:
+def read_jsonl_rows(
+    path: Path, required: tuple[str, ...], hint: str = "", allow_empty: bool = False
+) -> list[dict]:
+    """JSON objects, one per line, each with string fields ``required``; a bad line is a UsageError naming
+    the line (``hint`` says what file was expected)."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -292,13 +296,17 @@ def _read_generations(path: Path) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise UsageError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-            for key in ("response", "ground_truth"):
+            for key in required:
                 if not isinstance(row, dict) or not isinstance(row.get(key), str):
-                    raise UsageError(f"{path}:{n}: field {key!r} missing or not a string")
+                    raise UsageError(f"{path}:{n}: field {key!r} missing or not a string{hint}")
             rows.append(row)
-    if not rows:
+    if not rows and not allow_empty:
         raise UsageError(f"--generations {path}: no rows")
     return rows
+
+
+def _read_generations(path: Path) -> list[dict]:
+    return read_jsonl_rows(path, ("response", "ground_truth"))
 
 
 def load_items(

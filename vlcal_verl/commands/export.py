@@ -17,9 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-
-class UsageError(Exception):
-    pass
+from vlcal_verl.commands.eval import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

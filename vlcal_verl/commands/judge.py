@@ -63,9 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=8, help="reply length the judge may use")
 
 
-class UsageError(Exception):
-    pass
-
+from vlcal_verl.commands.eval import UsageError  # noqa: E402 (one user-mistake type for the commands)
 
 # ----------------------------------------------------------------------------- pieces
 
@@ -122,26 +120,11 @@ def save_judgments(path: Path, judgments: dict[str, int]) -> None:
 
 
 def _read_rows(path: Path) -> list[dict]:
+    from vlcal_verl.commands.eval import read_jsonl_rows
+
     if not path.is_file():
         raise UsageError(f"--generations {path}: no such file")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-        if (
-            not isinstance(row, dict)
-            or not isinstance(row.get("uid"), str)
-            or not isinstance(row.get("response"), str)
-        ):
-            raise UsageError(
-                f"{path}:{n}: needs string fields 'uid' and 'response' (a `vlcal eval` generations.jsonl)"
-            )
-        rows.append(row)
-    return rows
+    return read_jsonl_rows(path, ("uid", "response"), " (a `vlcal eval` generations.jsonl)", allow_empty=True)
 
 
 def _image_sources(rows: list[dict], data_dir: Path | None) -> dict[str, Path | None]:
