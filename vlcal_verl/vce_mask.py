@@ -121,13 +121,24 @@ def pixel_cell_masks(
     are those of :func:`batch_cell_masks`."""
     if cell_px <= 0:
         raise ValueError(f"cell_px must be > 0, got {cell_px}")
+
+    def grid(h: int, w: int) -> tuple[int, int]:
+        return -(-h * patch_size // cell_px), -(-w * patch_size // cell_px)
+
+    return _seeded_masks(image_grid_thw, counts, uids, p, seed, grid)
+
+
+def _seeded_masks(image_grid_thw, counts, uids, p, seed, grid) -> list[torch.Tensor]:
+    """One :func:`cell_mask` per image of shape ``grid(h, w)`` (h, w in patches); the image index
+    restarts at 0 within each sample (uid)."""
+    if len(uids) != len(counts):
+        raise ValueError(f"uids: need one per sample ({len(counts)}), got {len(uids)}")
     grids = image_grid_thw.tolist()
     masks, i = [], 0
     for uid, n in zip(uids, counts, strict=True):
         for k in range(n):
             _, h, w = grids[i]
-            gh, gw = -(-h * patch_size // cell_px), -(-w * patch_size // cell_px)
-            masks.append(cell_mask(gh, gw, p, seed, uid, k))
+            masks.append(cell_mask(*grid(h, w), p, seed, uid, k))
             i += 1
     return masks
 
@@ -208,16 +219,9 @@ def batch_cell_masks(
     merge_size: int,
 ) -> list[torch.Tensor]:
     """One seeded cell mask per image; image index restarts at 0 within each sample (uid)."""
-    if len(uids) != len(counts):
-        raise ValueError(f"uids: need one per sample ({len(counts)}), got {len(uids)}")
-    grids = image_grid_thw.tolist()
-    masks, i = [], 0
-    for uid, n in zip(uids, counts, strict=True):
-        for k in range(n):
-            _, h, w = grids[i]
-            masks.append(cell_mask(h // merge_size, w // merge_size, p, seed, uid, k))
-            i += 1
-    return masks
+    return _seeded_masks(
+        image_grid_thw, counts, uids, p, seed, lambda h, w: (h // merge_size, w // merge_size)
+    )
 
 
 def mask_pil_image(image: Any, mask: torch.Tensor) -> Any:
