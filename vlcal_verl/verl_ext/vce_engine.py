@@ -109,6 +109,41 @@ def _nested(tensors: list[torch.Tensor]) -> torch.Tensor:
     return nested_rows(tensors)
 
 
+def add_targets(data: TensorDict, spans: torch.Tensor, cfg: VCEConfig) -> torch.Tensor:
+    """Write ``vce_t_start`` / ``vce_t_end`` / ``vce_prompt_len`` [B] (in place); return the masked
+    forward's length per sample (:func:`vce_lengths`)."""
+    prompt_lens = data["prompts"].offsets().diff()
+    response_lens = data["responses"].offsets().diff()
+    lens, t0, t1 = vce_lengths(prompt_lens, response_lens, spans, cfg.scope)
+    data["vce_t_start"], data["vce_t_end"], data["vce_prompt_len"] = t0, t1, prompt_lens.long()
+    return lens
+
+
+def truncated_masked(
+    data: TensorDict,
+    lens: Sequence[int] | torch.Tensor,
+    cfg: VCEConfig,
+    black: torch.Tensor,
+    merge_size: int,
+    mask_ids: Sequence[str],
+    patch_size: int | None = None,
+) -> TensorDict:
+    """A shallow copy of ``data`` with ``input_ids`` / ``position_ids`` cut to ``lens`` and the masked
+    multi-modal inputs under :data:`MASKED_MM_KEY`; every other field is kept as is."""
+    lens = [int(n) for n in lens]
+    out = data.clone(recurse=False)
+    out["input_ids"] = _nested([x[:n] for x, n in zip(data["input_ids"].unbind(), lens, strict=True)])
+    out["position_ids"] = _nested(
+        [x[..., :n] for x, n in zip(data["position_ids"].unbind(), lens, strict=True)]
+    )
+    mm_field = data.get("multi_modal_inputs", None)
+    mm = list(mm_field) if mm_field is not None else [None] * len(lens)
+    out[MASKED_MM_KEY] = NonTensorStack(
+        *mask_multi_modal_inputs(mm, mask_ids, cfg, black, merge_size, patch_size)
+    )
+    return out
+
+
 def prepare_vce_batch(
     data: TensorDict,
     spans: torch.Tensor,
@@ -123,20 +158,14 @@ def prepare_vce_batch(
     ``input_ids`` / ``position_ids`` are cut to :func:`vce_lengths`; adds ``vce_t_start`` / ``vce_t_end`` /
     ``vce_prompt_len`` [B] and the masked multi-modal inputs. Every other field is kept as is.
     """
-    prompt_lens = data["prompts"].offsets().diff()
-    response_lens = data["responses"].offsets().diff()
-    lens, t0, t1 = vce_lengths(prompt_lens, response_lens, spans, cfg.scope)
-    ids = [x[: int(n)] for x, n in zip(data["input_ids"].unbind(), lens, strict=True)]
-    pos = [x[..., : int(n)] for x, n in zip(data["position_ids"].unbind(), lens, strict=True)]
     out = data.clone(recurse=False)
-    out["input_ids"] = _nested(ids)
-    out["position_ids"] = _nested(pos)
-    out["vce_t_start"], out["vce_t_end"], out["vce_prompt_len"] = t0, t1, prompt_lens.long()
-    mm_field = data.get("multi_modal_inputs", None)
-    mm = list(mm_field) if mm_field is not None else [None] * len(ids)
-    masked = mask_multi_modal_inputs(mm, mask_ids, cfg, black, merge_size, patch_size)
-    out[MASKED_MM_KEY] = NonTensorStack(*masked)
-    return out
+    lens = add_targets(out, spans, cfg)
+    return truncated_masked(out, lens, cfg, black, merge_size, mask_ids, patch_size)
+
+
+def pick_rows(h: torch.Tensor, b_idx: torch.Tensor, col: torch.Tensor, remove_padding: bool) -> torch.Tensor:
+    """The rows (b_idx, col) of a [1, total, d] packed or [B, L, d] padded hidden/logit tensor (a copy)."""
+    return h[0, col.to(h.device)] if remove_padding else h[b_idx.to(h.device), col.to(h.device)]
 
 
 def target_rows(
@@ -176,8 +205,7 @@ def lm_head_rows(
     head = inner.get_output_embeddings()
 
     def hook(_module, args):
-        h = args[0]
-        picked = h[0, col.to(h.device)] if remove_padding else h[b_idx.to(h.device), col.to(h.device)]
+        picked = pick_rows(args[0], b_idx, col, remove_padding)
         if extra is not None:
             picked = torch.cat([picked, extra.to(device=picked.device, dtype=picked.dtype)])
         return (picked.unsqueeze(0), *args[1:])

@@ -27,15 +27,14 @@ import torch
 from tensordict import NonTensorStack, TensorDict
 
 from vlcal_verl.config import VCEConfig
-from vlcal_verl.verl_ext.nested import nested_rows
 from vlcal_verl.verl_ext.vce_engine import (
-    MASKED_MM_KEY,
     _default_device,
-    mask_multi_modal_inputs,
+    add_targets,
     masked_pass,
     needs_original_forward,
+    pick_rows,
     target_rows,
-    vce_lengths,
+    truncated_masked,
 )
 
 MASK_ID_FIELD = "vlcal_mask_id"
@@ -43,12 +42,9 @@ LENGTH_FIELD = "vce_len"
 
 
 def add_vce_targets(data: TensorDict, spans: torch.Tensor, cfg: VCEConfig, mask_ids: Sequence[str]) -> None:
-    """Per sample, the masked forward's length, the target range and the mask seed id (in place)."""
-    prompt_lens = data["prompts"].offsets().diff()
-    response_lens = data["responses"].offsets().diff()
-    lens, t0, t1 = vce_lengths(prompt_lens, response_lens, spans, cfg.scope)
-    data[LENGTH_FIELD], data["vce_t_start"], data["vce_t_end"] = lens, t0, t1
-    data["vce_prompt_len"] = prompt_lens.long()
+    """Per sample, the masked forward's length, the target range and the mask seed id (in place): what
+    each micro-batch needs to build its own masked forward."""
+    data[LENGTH_FIELD] = add_targets(data, spans, cfg)
     data[MASK_ID_FIELD] = NonTensorStack(*[str(m) for m in mask_ids])
 
 
@@ -56,19 +52,9 @@ def masked_micro_batch(
     micro_batch: TensorDict, cfg: VCEConfig, black: torch.Tensor, merge_size: int, patch_size: int | None
 ) -> TensorDict:
     """The micro-batch of the masked forward: ids / positions cut to ``vce_len``, masked images."""
-    lens = micro_batch[LENGTH_FIELD].tolist()
-    out = micro_batch.clone(recurse=False)
-    out["input_ids"] = nested_rows(
-        [x[: int(n)] for x, n in zip(micro_batch["input_ids"].unbind(), lens, strict=True)]
-    )
-    out["position_ids"] = nested_rows(
-        [x[..., : int(n)] for x, n in zip(micro_batch["position_ids"].unbind(), lens, strict=True)]
-    )
-    mm_field = micro_batch.get("multi_modal_inputs", None)
-    mm = list(mm_field) if mm_field is not None else [None] * len(lens)
     ids = [getattr(m, "data", m) for m in micro_batch[MASK_ID_FIELD]]
-    out[MASKED_MM_KEY] = NonTensorStack(*mask_multi_modal_inputs(mm, ids, cfg, black, merge_size, patch_size))
-    return out
+    lens = micro_batch[LENGTH_FIELD].tolist()
+    return truncated_masked(micro_batch, lens, cfg, black, merge_size, ids, patch_size)
 
 
 @contextlib.contextmanager
@@ -82,9 +68,7 @@ def keep_target_hidden(
     kept: list[torch.Tensor] = []
 
     def hook(_module, args):
-        h = args[0]
-        rows = h[0, col.to(h.device)] if remove_padding else h[b_idx.to(h.device), col.to(h.device)]
-        kept.append(rows.detach())  # advanced indexing copies
+        kept.append(pick_rows(args[0], b_idx, col, remove_padding).detach())  # indexing copies
 
     handle = head.register_forward_pre_hook(hook)
     try:
