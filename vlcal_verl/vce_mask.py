@@ -265,3 +265,54 @@ def mask_pil_images(processor: Any, images: Sequence[Any], uid: str | int, p: fl
         gh, gw = merged_grid_for(processor, img)
         out.append(mask_pil_image(img, cell_mask(gh, gw, p, seed, uid, k)))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# InternVL: whole tiles, [n_tiles, C, S, S] (S = 448; 14-px patches, pixel shuffle 0.5 → 28-px cells)
+# ----------------------------------------------------------------------------------------------------
+
+
+def black_pixel(image_mean: Sequence[float], image_std: Sequence[float]) -> torch.Tensor:
+    """The normalised value of a black pixel, one per channel: (0 − mean_c)/std_c, [C]."""
+    return black_row(image_mean, image_std, 1, 1)
+
+
+def tile_masks(n_tiles: int, cells: int, p: float, seed: int, uid: str | int) -> list[torch.Tensor]:
+    """One seeded [cells, cells] mask per tile of a sample. InternVL's tiles — the crops of every image
+    and, for an image of more than one crop, its thumbnail, in the processor's order — are numbered
+    across the sample, and tile k is seeded like image k of :func:`cell_mask`."""
+    return [cell_mask(cells, cells, p, seed, uid, k) for k in range(n_tiles)]
+
+
+def mask_tiles(
+    pixel_values: torch.Tensor, masks: Sequence[torch.Tensor | None], cell_px: int, black: torch.Tensor
+) -> torch.Tensor:
+    """Copy of InternVL ``pixel_values`` [n, C, S, S] with every pixel of a masked cell set to ``black``
+    [C]; ``masks[k]`` is [⌈S/c⌉, ⌈S/c⌉] over ``cell_px`` squares of tile k (``None`` keeps it)."""
+    if pixel_values.ndim != 4 or len(masks) != pixel_values.shape[0]:
+        raise ValueError(
+            f"mask_tiles: need pixel_values [n, C, S, S] and one mask per tile, got {tuple(pixel_values.shape)} "
+            f"and {len(masks)} masks"
+        )
+    side = pixel_values.shape[-1]
+    out = pixel_values.clone()
+    value = black.to(device=out.device, dtype=out.dtype).view(-1, 1, 1)
+    for k, mask in enumerate(masks):
+        if mask is None:
+            continue
+        if mask.shape[0] * cell_px < side or (mask.shape[0] - 1) * cell_px >= side:
+            raise ValueError(
+                f"tile mask {tuple(mask.shape)} does not cover a {side}-px tile in {cell_px}-px cells"
+            )
+        px = mask.repeat_interleave(cell_px, 0).repeat_interleave(cell_px, 1)[:side, :side].to(out.device)
+        out[k] = torch.where(px.unsqueeze(0), value, out[k])
+    return out
+
+
+def mask_internvl_pixel_values(
+    pixel_values: torch.Tensor, uid: str | int, p: float, seed: int, cell_px: int, black: torch.Tensor
+) -> torch.Tensor:
+    """One sample's InternVL tiles with seeded ``cell_px`` cells blacked out (:func:`tile_masks`)."""
+    side = pixel_values.shape[-1]
+    masks = tile_masks(pixel_values.shape[0], -(-side // cell_px), p, seed, uid)
+    return mask_tiles(pixel_values, masks, cell_px, black)

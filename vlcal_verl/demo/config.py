@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from vlcal_verl.testing.tiny_models import FAMILIES
+
 
 @dataclass
 class DemoConfig:
@@ -19,7 +21,7 @@ class DemoConfig:
     dir: str = "runs/demo"
     """Output folder; the recipe derives verl's paths from it (data, warm-started model, checkpoints)."""
     model_family: str = "qwen3-vl"
-    """Tiny random model built on the spot by ``vlcal_verl.testing.tiny_models`` ('qwen3-vl' | 'qwen2.5-vl')."""
+    """Tiny random model built on the spot by ``vlcal_verl.testing.tiny_models`` ('qwen3-vl' | 'qwen2.5-vl' | 'internvl')."""
     seed: int = 0
     """Seeds the model init, the data sample and the warm start's batches."""
     train_size: int = 512
@@ -50,10 +52,8 @@ class DemoConfig:
                 raise ValueError(f"demo.{name} must be >= 0, got {getattr(self, name)}")
         if self.eval_temperature < 0:
             raise ValueError(f"demo.eval_temperature must be >= 0, got {self.eval_temperature}")
-        if self.model_family not in ("qwen3-vl", "qwen2.5-vl"):
-            raise ValueError(
-                f"demo.model_family must be 'qwen3-vl' or 'qwen2.5-vl', got {self.model_family!r}"
-            )
+        if self.model_family not in FAMILIES:
+            raise ValueError(f"demo.model_family must be one of {list(FAMILIES)}, got {self.model_family!r}")
         return self
 
     @classmethod

@@ -20,8 +20,11 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
-# tokens a policy must never emit: vision placeholders (Qwen ids)
-IMAGE_TOKEN_NAMES = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+# tokens a policy must never emit: vision placeholders (Qwen-VL's, then InternVL's)
+IMAGE_TOKEN_NAMES = (
+    "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<img>", "</img>", "<IMG_CONTEXT>", "<video>",
+)  # fmt: skip
 
 
 class TopKSampler(LogitsProcessor):
@@ -112,8 +115,9 @@ def special_ids(tokenizer) -> tuple[int, int, list[int]]:
     """(eos id = <|im_end|>, pad id, ids to suppress) of a Qwen tokenizer."""
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    unk = tokenizer.unk_token_id
     suppress = [tokenizer.convert_tokens_to_ids(t) for t in IMAGE_TOKEN_NAMES]
-    return eos, pad, [i for i in suppress if isinstance(i, int) and i >= 0]
+    return eos, pad, [i for i in suppress if isinstance(i, int) and i >= 0 and i != unk]
 
 
 def encode_prompts(

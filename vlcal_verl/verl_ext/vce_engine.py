@@ -33,7 +33,13 @@ import torch
 from tensordict import NonTensorStack, TensorDict
 
 from vlcal_verl.config import VCEConfig
-from vlcal_verl.vce_mask import batch_cell_masks, mask_pixel_values, mask_pixel_values_px, pixel_cell_masks
+from vlcal_verl.vce_mask import (
+    batch_cell_masks,
+    mask_internvl_pixel_values,
+    mask_pixel_values,
+    mask_pixel_values_px,
+    pixel_cell_masks,
+)
 from vlcal_verl.verl_ext.nested import nested_rows
 
 MASKED_MM_KEY = "vce_masked_multi_modal_inputs"
@@ -91,6 +97,13 @@ def mask_multi_modal_inputs(
         mm = getattr(mm, "data", mm)
         if not mm or mm.get("pixel_values") is None:
             out.append(mm)
+            continue
+        if mm["pixel_values"].ndim == 4:  # InternVL: whole tiles, cells on each tile's merged grid
+            if not patch_size:
+                raise ValueError("InternVL masking needs the vision patch size")
+            c = cfg.mask_cell_px or merge_size * patch_size
+            pv = mask_internvl_pixel_values(mm["pixel_values"], mid, cfg.mask_prob, cfg.seed, c, black)
+            out.append({**mm, "pixel_values": pv})
             continue
         grid = mm["image_grid_thw"]
         if cfg.mask_cell_px:

@@ -20,7 +20,7 @@ from verl.utils.profiler import DistProfiler
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
 from vlcal_verl.config import VCEConfig
-from vlcal_verl.vce_mask import black_row_for
+from vlcal_verl.vce_mask import black_pixel, black_row_for
 from vlcal_verl.verl_ext.nested import dense_rows, renest_position_ids
 from vlcal_verl.verl_ext.perception import (
     PERCEPTION_FIELD,
@@ -45,15 +45,31 @@ def mask_ids_of(data: TensorDict) -> list[str]:
 
 
 def image_constants(model_config: Any) -> tuple[Any, int]:
-    """(black pixel_values row, spatial merge size m) of a Qwen-VL model config (``HFModelConfig``)."""
+    """(black value, spatial merge size m) of a VLM's ``HFModelConfig``: Qwen-VL's black ``pixel_values``
+    row and ``spatial_merge_size``; InternVL's black pixel [C] and 1 / ``downsample_ratio`` (2)."""
     processor = getattr(model_config, "processor", None)
-    vision = getattr(getattr(model_config, "hf_config", None), "vision_config", None)
+    hf_config = getattr(model_config, "hf_config", None)
+    vision = getattr(hf_config, "vision_config", None)
     if processor is None or vision is None:
         raise ValueError(
             "compute_vce needs a vision-language model: actor_rollout_ref.model has no "
             "processor/vision_config"
         )
+    if getattr(hf_config, "downsample_ratio", None) is not None:  # InternVL
+        ip = processor.image_processor
+        return black_pixel(ip.image_mean, ip.image_std), round(1 / float(hf_config.downsample_ratio))
     return black_row_for(processor), int(vision.spatial_merge_size)
+
+
+def patch_size_of(model_config: Any) -> int:
+    """The vision tower's patch side (InternVL configs give [h, w])."""
+    patch = model_config.hf_config.vision_config.patch_size
+    return int(patch[0] if isinstance(patch, list | tuple) else patch)
+
+
+def needs_patch_size(model_config: Any, cfg: VCEConfig) -> bool:
+    """Pixel-square masks need the patch side; so do InternVL's tiles (28-px cells = 14-px patches × 2)."""
+    return bool(cfg.mask_cell_px) or getattr(model_config.hf_config, "downsample_ratio", None) is not None
 
 
 def vce_config_of(data: TensorDict) -> VCEConfig:
@@ -120,19 +136,25 @@ class VLCalActorRolloutRefWorker(ActorRolloutRefWorker):
     actor_worker_cls = VLCalTrainingWorker
     ref_worker_cls = VLCalTrainingWorker
     _vce_constants: tuple[Any, int] | None = None
+    _vce_model_config: Any = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         open_cpu_process_group()
 
+    def _model_config(self) -> Any:
+        if self._vce_model_config is None:  # builds tokenizer and processor: once per worker
+            self._vce_model_config = omega_conf_to_dataclass(self.config.model)
+        return self._vce_model_config
+
     def _image_constants(self) -> tuple[Any, int]:
         if self._vce_constants is None:
-            self._vce_constants = image_constants(omega_conf_to_dataclass(self.config.model))
+            self._vce_constants = image_constants(self._model_config())
         return self._vce_constants
 
-    def _patch_size(self) -> int:
-        vision = omega_conf_to_dataclass(self.config.model).hf_config.vision_config
-        return int(vision.patch_size)
+    def _patch_size(self, cfg: VCEConfig) -> int | None:
+        model_config = self._model_config()
+        return patch_size_of(model_config) if needs_patch_size(model_config, cfg) else None
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
     def compute_log_prob(self, data: TensorDict) -> TensorDict | None:
@@ -145,7 +167,7 @@ class VLCalActorRolloutRefWorker(ActorRolloutRefWorker):
 
         cfg = vce_config_of(data)
         black, merge = self._image_constants()
-        patch = self._patch_size() if cfg.mask_cell_px else None
+        patch = self._patch_size(cfg)
         add_vce_targets(data, dense_rows(data[SPAN_FIELD]).long().cpu(), cfg, mask_ids_of(data))
         with fused_forward_installed(self.actor.engine, cfg, black, merge, patch):
             return super().compute_log_prob(data)
@@ -162,7 +184,7 @@ class VLCalActorRolloutRefWorker(ActorRolloutRefWorker):
         black, merge = self._image_constants()
         # prepare_vce_batch rebuilds position ids row by row (nested_rows), so no re-nesting is needed here
         spans = dense_rows(data[SPAN_FIELD]).long().cpu()  # TransferQueue returns [B, 2] as jagged
-        patch = self._patch_size() if cfg.mask_cell_px else None
+        patch = self._patch_size(cfg)
         prepared = prepare_vce_batch(data, spans, cfg, black, merge, mask_ids_of(data), patch)
         tu.assign_non_tensor(prepared, compute_loss=False, calculate_entropy=False)
         with vce_forward_installed(self.actor.engine, cfg):

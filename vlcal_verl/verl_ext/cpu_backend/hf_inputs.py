@@ -145,7 +145,13 @@ def banned_token_ids(processor: Any, hf_config: Any) -> list[int]:
                 ids.add(value)
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:
-        for token in ("<|vision_pad|>",):
+        # Qwen-VL's vision pad; InternVL's <img> / </img> around each image's context tokens
+        markers = (
+            "<|vision_pad|>",
+            getattr(processor, "start_image_token", None),
+            getattr(processor, "end_image_token", None),
+        )
+        for token in filter(None, markers):
             token_id = tokenizer.convert_tokens_to_ids(token)
             if isinstance(token_id, int) and token_id != getattr(tokenizer, "unk_token_id", None):
                 ids.add(token_id)

@@ -87,7 +87,12 @@ class HFRolloutServer:
         from verl.workers.rollout.utils import get_max_position_embeddings
 
         self.config: RolloutConfig = omega_conf_to_dataclass(config)
-        self.model_config: HFModelConfig = omega_conf_to_dataclass(model_config, dataclass_type=HFModelConfig)
+        # the config's own class when it names one (``_target_``: this package's VLCalModelConfig builds
+        # InternVL's processor, which verl's HFModelConfig leaves None); verl's HFModelConfig otherwise
+        has_target = not isinstance(model_config, HFModelConfig) and "_target_" in model_config
+        self.model_config: HFModelConfig = omega_conf_to_dataclass(
+            model_config, dataclass_type=None if has_target else HFModelConfig
+        )
         max_len = get_max_position_embeddings(self.model_config.hf_config)
         if self.config.max_model_len is None or self.config.max_model_len > max_len:
             self.config.max_model_len = max_len
