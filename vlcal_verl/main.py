@@ -50,11 +50,9 @@ class ConfigError(ValueError):
 
 """The ``vlcal.reward`` fields the reward server's client sends per request."""
 
-UNSUPPORTED_MODEL_TYPES = {
-    "internvl": "verl 0.9.1 has no InternVL support (no engine/rollout path for InternVL3.5); "
-    "this recipe waits for its own issue — use the local engine (`vlcal train`) or a Qwen-VL recipe",
-    "internvl_chat": "verl 0.9.1 has no InternVL support (see recipes/README.md)",
-}
+QWEN_PIXEL_KEYS = ("min_pixels", "max_pixels")
+"""Qwen-VL's image budget; InternVL's processor tiles images instead (``min_patches``/``max_patches``)."""
+INTERNVL_PROCESSOR_KEYS = ("min_patches", "max_patches", "crop_to_patches")
 
 
 def vlcal_config(config: DictConfig) -> VLCalConfig:
@@ -151,13 +149,46 @@ def missing_paths(config: DictConfig) -> list[str]:
     return out
 
 
-def check_model_supported(config: DictConfig) -> None:
-    """Refuse model families verl 0.9.1 cannot train, before any GPU work (clear message)."""
+def is_internvl(config: DictConfig) -> bool:
+    """An InternVL run: ``vlcal_model_family: internvl`` or a model path naming InternVL."""
     family = str(config.get("vlcal_model_family") or "").lower()
     path = str(config.actor_rollout_ref.model.get("path") or "").lower()
-    for key, why in UNSUPPORTED_MODEL_TYPES.items():
-        if family == key or (key == "internvl" and "internvl" in path):
-            raise ConfigError(f"{path or family}: {why}")
+    return family == "internvl" or "internvl" in path
+
+
+def check_model_supported(config: DictConfig) -> None:
+    """InternVL's settings, before any GPU work: the processor kwargs verl sends both to the agent loop's
+    processor and, per request, to vLLM (so both tile an image alike) must be InternVL's; no Ulysses
+    (verl 0.9.1 has no sequence-parallel patch for InternVL)."""
+    if not is_internvl(config):
+        return
+    kwargs = dict(config.data.get("mm_processor_kwargs") or {})
+    qwen = [k for k in QWEN_PIXEL_KEYS if k in kwargs]
+    if qwen:
+        raise ConfigError(
+            f"data.mm_processor_kwargs has Qwen-VL's {qwen}; InternVL tiles images instead — set "
+            f"data.mm_processor_kwargs=null (the checkpoint's processor settings) or use {list(INTERNVL_PROCESSOR_KEYS)}"
+        )
+    unknown = sorted(set(kwargs) - set(INTERNVL_PROCESSOR_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"data.mm_processor_kwargs: {unknown} are not InternVL processor settings ({list(INTERNVL_PROCESSOR_KEYS)})"
+        )
+    engine = config.actor_rollout_ref.rollout.get("engine_kwargs", {}) or {}
+    vllm_kwargs = dict((engine.get("vllm", {}) or {}).get("mm_processor_kwargs", {}) or {})
+    clash = {k: (v, kwargs.get(k)) for k, v in vllm_kwargs.items() if k in kwargs and kwargs[k] != v}
+    if clash:
+        raise ConfigError(
+            "vLLM's engine mm_processor_kwargs and data.mm_processor_kwargs tile images differently "
+            f"({clash}): verl's prompt ids would not match vLLM's expansion of the image placeholders"
+        )
+    for role in ("actor", "ref"):
+        sp = int(config.actor_rollout_ref[role].get("ulysses_sequence_parallel_size", 1) or 1)
+        if sp != 1:
+            raise ConfigError(
+                f"actor_rollout_ref.{role}.ulysses_sequence_parallel_size={sp}: verl 0.9.1 has no Ulysses "
+                "patch for InternVL; use 1"
+            )
 
 
 def check_vlcal_vs_verl(config: DictConfig, vcfg: VLCalConfig) -> None:

@@ -23,7 +23,7 @@ from vlcal_verl.main import (
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
-RUNNABLE = ["qwen3_vl_4b", "qwen3_vl_8b", "qwen3_vl_30b_a3b", "rlcr_qwen3_vl_4b"]
+RUNNABLE = ["qwen3_vl_4b", "qwen3_vl_8b", "qwen3_vl_30b_a3b", "rlcr_qwen3_vl_4b", "internvl3_5_4b"]
 ABLATIONS = ["full", "rlcr", "decoupled", "vce_entropy", "vce_kl", "vce_both"]
 SEARCH = f"hydra.searchpath=[file://{CONFIG_DIR},file://{verl_config_dir()}]"
 
@@ -54,7 +54,8 @@ def test_recipe_passes_verl_validation(recipe):
     )
     assert (cfg.data.max_prompt_length, cfg.data.max_response_length) == (4096, 4096)
     assert (r.val_kwargs.temperature, r.val_kwargs.top_p, cfg.trainer.total_epochs) == (0.6, 0.95, 15)
-    assert dict(cfg.data.mm_processor_kwargs) == {"min_pixels": 262144, "max_pixels": 4194304}
+    if recipe != "internvl3_5_4b":  # InternVL tiles images (the checkpoint's processor settings)
+        assert dict(cfg.data.mm_processor_kwargs) == {"min_pixels": 262144, "max_pixels": 4194304}
     assert cfg.reward.custom_reward_function.path == "pkg://vlcal_verl.rewards"
     assert dict(cfg.reward.custom_reward_function.reward_kwargs)["protocol"] == vcfg.reward.protocol
     # the authors' released run: PPO clip (0.2, 0.3), dual clip 3.0, one optimizer step per rollout batch,
@@ -128,9 +129,33 @@ def test_moe_recipe_parallelism():
         prepare(_compose("qwen3_vl_30b_a3b", ["actor_rollout_ref.rollout.expert_parallel_size=4"]))
 
 
-def test_internvl_recipe_refused_with_reason():
-    with pytest.raises(ConfigError, match="no InternVL support"):
-        prepare(_compose("internvl3_5_4b"))
+def test_internvl_recipe_model_config_and_tiles():
+    """The InternVL recipe builds this package's model config (InternVL's processor) and leaves tiling to
+    the checkpoint's processor, for verl's agent loop and vLLM alike."""
+    cfg = _compose("internvl3_5_4b")
+    prepare(cfg)
+    assert cfg.actor_rollout_ref.model._target_ == "vlcal_verl.verl_ext.model_config.VLCalModelConfig"
+    assert cfg.data.mm_processor_kwargs is None and cfg.vlcal_model_family == "internvl"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+data.mm_processor_kwargs.max_pixels=1000", "Qwen-VL's"),
+        ("+data.mm_processor_kwargs.foo=1", "not InternVL processor settings"),
+        (
+            "+actor_rollout_ref.rollout.engine_kwargs.vllm.mm_processor_kwargs.max_patches=6",
+            "tile images differently",
+        ),
+        ("actor_rollout_ref.actor.ulysses_sequence_parallel_size=2", "no Ulysses patch for InternVL"),
+    ],
+)
+def test_internvl_mismatches_refused_before_any_work(override, message):
+    overrides = [override]
+    if "engine_kwargs" in override:
+        overrides.append("data.mm_processor_kwargs={max_patches: 12}")
+    with pytest.raises(ConfigError, match=message):
+        prepare(_compose("internvl3_5_4b", overrides))
 
 
 def test_reward_server_url_switches_to_client():
