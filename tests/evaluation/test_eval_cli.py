@@ -189,6 +189,32 @@ def test_bad_inputs_are_reported_before_generating(tmp_path, capsys, no_model, e
     assert not out.exists()  # nothing half-written
 
 
+@pytest.mark.slow
+def test_eval_tiny_internvl(tmp_path, capsys):
+    """An InternVL checkpoint (tiles + thumbnail, <img>…</img> context tokens) generates and is scored
+    like a Qwen-VL one; --vce (Qwen-VL patch rows only in the evaluation pass) is refused up front."""
+    out = tmp_path / "rep"
+    args = [
+        "eval",
+        "--model",
+        "tiny:internvl",
+        "--bench",
+        "easy-vqa",
+        "--limit",
+        "3",
+        "--max-new-tokens",
+        "8",
+    ]
+    assert main([*args, "--n-boot", "0", "--out", str(out)]) == 0
+    assert _check_report(out)["overall"]["n"] == 3
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all("<IMG_CONTEXT>" not in r["response"] for r in rows)  # placeholders banned
+    capsys.readouterr()
+    assert main([*args, "--vce", "--out", str(tmp_path / "v")]) == 2
+    _one_line_error(capsys, "InternVL's VCE runs in training")
+    assert not (tmp_path / "v").exists()
+
+
 def test_bad_judgments_content_and_out_mistakes(tmp_path, capsys):
     gens = _gens(tmp_path / "g.jsonl")
     bad = tmp_path / "j.json"

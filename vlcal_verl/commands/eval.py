@@ -23,11 +23,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vlcal_verl.testing.tiny_models import FAMILIES
+
 BENCHES = {
     "easy-vqa": {"unanswerable": False},
     "easy-vqa-unanswerable": {"unanswerable": True},
 }
-TINY_FAMILIES = ("qwen3-vl", "qwen2.5-vl")
+TINY_FAMILIES = FAMILIES
 
 DEFAULT_MAX_NEW_TOKENS = 4096  # the recipes' data.max_response_length: evaluate at the length trained at
 TINY_MAX_NEW_TOKENS = 48
@@ -44,7 +46,10 @@ def default_max_new_tokens(model: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="HF model folder (e.g. `vlcal export` output), hub id, or tiny:qwen3-vl")
+    src.add_argument(
+        "--model",
+        help="HF model folder (e.g. `vlcal export` output), hub id, or tiny:qwen3-vl / tiny:internvl",
+    )
     src.add_argument(
         "--generations", type=Path, help="JSONL with response, ground_truth[, benchmark, uid, truncated, ...]"
     )
@@ -139,8 +144,16 @@ def _check_model(name: str) -> None:
     elif _looks_like_path(name):
         raise UsageError(
             f"--model {name}: no such path (give a model folder, e.g. the output of `vlcal export`, "
-            "a hub id owner/name, or tiny:qwen3-vl)"
+            "a hub id owner/name, tiny:qwen3-vl or tiny:internvl)"
         )
+
+
+def _is_internvl(name: str) -> bool:
+    """``tiny:internvl`` or a local folder whose config.json says ``model_type: internvl``."""
+    if name.startswith("tiny:"):
+        return name == "tiny:internvl"
+    config = Path(name).expanduser() / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "internvl"
 
 
 def _check_out(out: Path | None, inputs: list[Path], required: bool = True) -> None:
@@ -259,6 +272,11 @@ def _validate(args: argparse.Namespace) -> dict[str, Any]:
         _check_out(args.out, [args.generations])
         return plan
     _check_model(args.model)
+    if args.vce and _is_internvl(args.model):
+        raise UsageError(
+            "--vce: the evaluation's VCE pass reads Qwen-VL's patch rows; InternVL's VCE runs in training "
+            "(verl's actor) — drop --vce for this model"
+        )
     _check_out(args.out, [])
     for flag, v in (("--max-new-tokens", args.max_new_tokens), ("--limit", args.limit)):
         if v is not None and v < 1:

@@ -32,7 +32,7 @@ class GenerationSettings:
 
 
 def load_hf_model(name: str):
-    """``tiny:qwen3-vl`` / ``tiny:qwen2.5-vl`` (built offline) or a local/hub checkpoint → (model, processor)."""
+    """``tiny:qwen3-vl`` / ``tiny:qwen2.5-vl`` / ``tiny:internvl`` (built offline) or a local/hub checkpoint → (model, processor)."""
     if name.startswith("tiny:"):
         from vlcal_verl.testing.tiny_models import load_tiny_vlm
 
