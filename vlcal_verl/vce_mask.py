@@ -295,14 +295,15 @@ def mask_tiles(
             f"and {len(masks)} masks"
         )
     side = pixel_values.shape[-1]
+    cells = -(-side // cell_px)
     out = pixel_values.clone()
     value = black.to(device=out.device, dtype=out.dtype).view(-1, 1, 1)
     for k, mask in enumerate(masks):
         if mask is None:
             continue
-        if mask.shape[0] * cell_px < side or (mask.shape[0] - 1) * cell_px >= side:
+        if tuple(mask.shape) != (cells, cells):
             raise ValueError(
-                f"tile mask {tuple(mask.shape)} does not cover a {side}-px tile in {cell_px}-px cells"
+                f"tile mask {tuple(mask.shape)} != the {cells}×{cells} grid of {cell_px}-px cells of a {side}-px tile"
             )
         px = mask.repeat_interleave(cell_px, 0).repeat_interleave(cell_px, 1)[:side, :side].to(out.device)
         out[k] = torch.where(px.unsqueeze(0), value, out[k])

@@ -150,10 +150,12 @@ def test_mask_tiles_shape_errors():
         mask_tiles(pv[0], [m, m, m], CELL, black)  # [C, S, S]
     with pytest.raises(ValueError, match="one mask per tile"):
         mask_tiles(pv, [m], CELL, black)
-    with pytest.raises(ValueError, match="does not cover"):
+    with pytest.raises(ValueError, match="3×3 grid"):
         mask_tiles(pv, [m, m], 10, black)  # 2 × 10 px < 28
-    with pytest.raises(ValueError, match="does not cover"):
+    with pytest.raises(ValueError, match="3×3 grid"):
         mask_tiles(pv, [torch.ones(4, 4, dtype=torch.bool), None], 10, black)  # a 4th cell starts at 30 px
+    with pytest.raises(ValueError, match="2×2 grid"):  # not square: extra columns would be ignored
+        mask_tiles(pv, [torch.ones(2, 5, dtype=torch.bool), None], CELL, black)
 
 
 def test_mask_internvl_pixel_values_uses_ceil_grid_and_tile_seeds():

@@ -7,8 +7,8 @@ tokenizer appends them after Qwen's added tokens, so here they are added to a co
 151,936-row embedding). Images are 448-px tiles (patch 14, pixel-shuffle 0.5 → 256 tokens per tile in
 the real model); the tiny model uses 28-px tiles of 4 tokens so a 64×64 image stays cheap.
 
-VCE masking (:mod:`vlcal_verl.vce_mask`) targets the Qwen-VL row layout only; InternVL's pixel_values
-are whole tiles [n_tiles, 3, H, W], which PIL-level masking covers.
+InternVL's pixel_values are whole tiles [n_tiles, 3, H, W] (crops, then a thumbnail when an image has
+more than one crop); VCE masks cells of each tile's merged grid (:func:`vlcal_verl.vce_mask.mask_tiles`).
 """
 
 from __future__ import annotations
