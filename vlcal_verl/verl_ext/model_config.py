@@ -116,7 +116,17 @@ def internvl_processor(path: str, hf_config: Any, **kwargs: Any) -> VerlInternVL
 
 
 def processor_class_name(path: str, **kwargs: Any) -> str | None:
-    """The processor class a checkpoint folder declares (``AutoProcessor``'s choice), or None."""
+    """The processor class a checkpoint folder declares (``processor_class`` of its processor config,
+    else ``AutoProcessor``'s choice), or None."""
+    import json
+    from pathlib import Path
+
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        f = Path(path) / name
+        if f.is_file():
+            declared = json.loads(f.read_text(encoding="utf-8")).get("processor_class")
+            if declared:
+                return str(declared)
     from transformers import AutoProcessor
 
     try:
@@ -150,3 +160,40 @@ class VLCalModelConfig(HFModelConfig):
                 )
         for w in caught:  # verl's other warnings, unchanged
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _dummy_vision_hook(module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+    """After an ``InternVLModel`` forward without images: run the vision tower and projector on one
+    black tile and add 0 × its sum to the output, so every FSDP rank gathers (and, in backward, reduces)
+    the vision tower's shards in the same order. A no-op on values and gradients."""
+    import torch
+
+    if kwargs.get("pixel_values") is not None or (args and len(args) > 1 and args[1] is not None):
+        return output
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return output
+    side = _side(module.config.vision_config.image_size)
+    hidden = output.last_hidden_state
+    tile = torch.zeros(1, 3, side, side, device=hidden.device, dtype=hidden.dtype)
+    features = module.get_image_features(
+        pixel_values=tile,
+        vision_feature_layer=module.config.vision_feature_layer,
+        vision_feature_select_strategy=module.config.vision_feature_select_strategy,
+    ).pooler_output
+    output.last_hidden_state = hidden + 0.0 * features.sum().to(hidden.dtype)
+    return output
+
+
+def install_dummy_vision_forward(model: Any) -> int:
+    """Hook :func:`_dummy_vision_hook` on every ``InternVLModel`` inside ``model`` (FSDP-wrapped or not);
+    return how many were hooked (0 for other architectures). Idempotent."""
+    from transformers.models.internvl.modeling_internvl import InternVLModel
+
+    count = 0
+    for sub in model.modules():
+        if isinstance(sub, InternVLModel):
+            if not getattr(sub, "_vlcal_dummy_vision", False):
+                sub.register_forward_hook(_dummy_vision_hook, with_kwargs=True)
+                sub._vlcal_dummy_vision = True
+            count += 1
+    return count

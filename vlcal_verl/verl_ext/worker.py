@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tensordict import TensorDict
-from verl.single_controller.base.decorator import make_nd_compute_dataproto_dispatch_fn, register
+from verl.single_controller.base.decorator import Dispatch, make_nd_compute_dataproto_dispatch_fn, register
 from verl.utils import tensordict_utils as tu
 from verl.utils.config import omega_conf_to_dataclass
 from verl.utils.profiler import DistProfiler
@@ -21,6 +21,7 @@ from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
 from vlcal_verl.config import VCEConfig
 from vlcal_verl.vce_mask import black_pixel, black_row_for
+from vlcal_verl.verl_ext.model_config import install_dummy_vision_forward
 from vlcal_verl.verl_ext.nested import dense_rows, renest_position_ids
 from vlcal_verl.verl_ext.perception import (
     PERCEPTION_FIELD,
@@ -109,6 +110,15 @@ class VLCalTrainingWorker(TrainingWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         register_perception_loss()  # the policy loss must be known in this (worker) process
         super().__init__(*args, **kwargs)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def reset(self) -> None:
+        """verl's engine set-up, then InternVL's dummy vision forward on image-less micro-batches (FSDP
+        needs every rank to gather the vision tower alike; :func:`install_dummy_vision_forward`)."""
+        super().reset()
+        module = getattr(self.engine, "module", None)
+        if module is not None:
+            install_dummy_vision_forward(module)
 
     def set_loss_fn(self, loss_fn: Any) -> None:
         super().set_loss_fn(with_perception_mask(loss_fn) if loss_fn is not None else None)
