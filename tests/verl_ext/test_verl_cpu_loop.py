@@ -6,27 +6,22 @@ loop, ``compute_vce``, the reference, GRPO, TAR, the actor update, checkpoints a
 warm-started tiny Qwen3-VL (so vision spans exist) and real easy-vqa images. Assertions read verl's own
 outputs: its ``file`` logger (one JSON line per step), its rollout dumps and its checkpoint folder.
 
-Each run gets its own Ray temp dir; every process whose command line names it is stopped afterwards
-(:func:`vlcal_verl.testing.ray_local.stop_processes_under`), whatever the run's outcome.
+Runs go through :func:`vlcal_verl.testing.verl_loop.run_verl` (own Ray temp dir, every process it
+started stopped afterwards).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from vlcal_verl.commands.train import DEFAULT_RECIPE
-from vlcal_verl.testing.ray_local import new_ray_temp_dir, private_ray_env, stop_processes_under
+from vlcal_verl.testing.verl_loop import finite, run_verl, steps_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-RUN_TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="module")
@@ -39,37 +34,6 @@ def assets(tmp_path_factory):
     cfg = DemoConfig(dir=str(root), train_size=64, eval_size=8, warm_start_steps=100)
     prepare_assets(cfg, root, {})
     return root
-
-
-def run_verl(root: Path, name: str, overrides: list[str]) -> tuple[Path, Path, str]:
-    """One ``vlcal_verl.main`` run; returns (metrics jsonl, checkpoint dir, output). Fails with the log tail."""
-    out = root / name
-    out.mkdir(exist_ok=True)
-    metrics = out / f"metrics-{len(list(out.glob('metrics-*')))}.jsonl"
-    ckpt = out / "ckpt"
-    temp = new_ray_temp_dir()
-    cmd = [
-        sys.executable, "-m", "vlcal_verl.main", "--recipe", str(DEFAULT_RECIPE),
-        f"demo.dir={root}", f"trainer.default_local_dir={ckpt}", f"trainer.rollout_data_dir={out / 'dump'}",
-        f"+ray_kwargs.ray_init._temp_dir={temp}", f"hydra.run.dir={out / 'hydra'}", *overrides,
-    ]  # fmt: skip
-    env = private_ray_env() | {"VERL_FILE_LOGGER_PATH": str(metrics)}
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-    finally:
-        stop_processes_under(temp)
-    log = proc.stdout + proc.stderr
-    (out / f"{metrics.stem}.log").write_text(log, encoding="utf-8")
-    assert proc.returncode == 0, f"verl run {name} failed (exit {proc.returncode}):\n{log[-6000:]}"
-    return metrics, ckpt, log
-
-
-def steps_of(metrics: Path) -> list[dict]:
-    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-
-
-def finite(x) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)
 
 
 def test_two_grpo_steps_checkpoint_and_resume(assets):

@@ -116,6 +116,7 @@ class VLCalTrainer(PPOTrainerSync):
         return self.vlcal.vce.enabled and self.vlcal.vce.fused and not bypass
 
     def _compute_old_log_prob(self, batch, metrics: dict):
+        self._vlcal_check_images(batch)
         fused = self._vce_fused()
         if fused:  # spans first (they need only the response ids), then one actor call for both
             t0 = time.perf_counter()
@@ -140,6 +141,39 @@ class VLCalTrainer(PPOTrainerSync):
         if self.vlcal.tar.enabled:
             batch = self._vlcal_tar(batch, metrics)
         return batch
+
+    # ------------------------------------------------------------------ guards
+    _vlcal_images_checked = False
+
+    def _vlcal_images_expected(self) -> bool:
+        """Whether the training data carries images (the first rows of ``data.image_key``)."""
+        frame = getattr(getattr(self, "train_dataset", None), "dataframe", None)
+        key = self.config.data.get("image_key", "images")
+        if frame is None or key not in (getattr(frame, "column_names", None) or []):
+            return False
+        return any(bool(frame[i][key]) for i in range(min(len(frame), 8)))
+
+    def _vlcal_check_images(self, batch) -> None:
+        """First step only: data with images must reach the actor as ``multi_modal_inputs``. verl drops
+        every image when it has no processor for the model (a warning in a long log); VCE, TAR and the
+        policy would then train a vision-language model text-only."""
+        if self._vlcal_images_checked:
+            return
+        self._vlcal_images_checked = True
+        if not self._vlcal_images_expected():
+            return
+        data = tq.kv_batch_get(
+            keys=batch.keys, partition_id=batch.partition_id, select_fields=["multi_modal_inputs"]
+        )
+        rows = [getattr(m, "data", m) for m in data["multi_modal_inputs"]]
+        if not any(isinstance(m, dict) and m.get("pixel_values") is not None for m in rows):
+            raise RuntimeError(
+                f"the training data has images ({self.config.data.get('image_key', 'images')}) but none reached "
+                "the trainer as multi_modal_inputs: verl built no processor for "
+                f"{self.config.actor_rollout_ref.model.path}, so this run would train text-only. Keep "
+                "actor_rollout_ref.model._target_=vlcal_verl.verl_ext.model_config.VLCalModelConfig "
+                "and use a Qwen-VL or an HF-format InternVL checkpoint."
+            )
 
     # ------------------------------------------------------------------ steps
     def _signal_fields(self) -> list[str]:

@@ -1,0 +1,56 @@
+"""Run ``python -m vlcal_verl.main`` (verl's own loop) in a child process, as the CPU loop tests do.
+
+Each run gets its own Ray temp dir; every process whose command line names it is stopped afterwards
+(:func:`vlcal_verl.testing.ray_local.stop_processes_under`), whatever the run's outcome. Results are read
+from verl's own outputs: its ``file`` logger (one JSON line per step), rollout dumps and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from vlcal_verl.testing.ray_local import new_ray_temp_dir, private_ray_env, stop_processes_under
+
+RUN_TIMEOUT_S = 600
+
+
+def run_verl(
+    root: Path, name: str, overrides: list[str], *, recipe: Path | None = None, expect_ok: bool = True
+) -> tuple[Path, Path, str]:
+    """One run under ``root/name``; returns (metrics jsonl, checkpoint dir, output). With ``expect_ok`` a
+    non-zero exit fails with the log tail."""
+    from vlcal_verl.commands.train import DEFAULT_RECIPE
+
+    out = root / name
+    out.mkdir(exist_ok=True)
+    metrics = out / f"metrics-{len(list(out.glob('metrics-*')))}.jsonl"
+    ckpt = out / "ckpt"
+    temp = new_ray_temp_dir()
+    cmd = [
+        sys.executable, "-m", "vlcal_verl.main", "--recipe", str(recipe or DEFAULT_RECIPE),
+        f"demo.dir={root}", f"trainer.default_local_dir={ckpt}", f"trainer.rollout_data_dir={out / 'dump'}",
+        f"+ray_kwargs.ray_init._temp_dir={temp}", f"hydra.run.dir={out / 'hydra'}", *overrides,
+    ]  # fmt: skip
+    env = private_ray_env() | {"VERL_FILE_LOGGER_PATH": str(metrics)}
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    finally:
+        stop_processes_under(temp)
+    log = proc.stdout + proc.stderr
+    (out / f"{metrics.stem}.log").write_text(log, encoding="utf-8")
+    if expect_ok:
+        assert proc.returncode == 0, f"verl run {name} failed (exit {proc.returncode}):\n{log[-6000:]}"
+    return metrics, ckpt, log
+
+
+def steps_of(metrics: Path) -> list[dict]:
+    """verl's ``file`` logger lines: ``{"step": k, "data": {metric: value}}``."""
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+
+
+def finite(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
