@@ -254,3 +254,21 @@ def test_check_internvl_layout_accepts_the_tiny_model_and_refuses_mismatches(int
     bad_id.image_token_id = 151655  # Qwen's <|image_pad|>
     msg = refused(proc, bad_id)
     assert "<IMG_CONTEXT> is id" in msg and "image_token_id is 151655" in msg
+
+
+def test_saved_processor_reloads_as_transformers_own(tmp_path):
+    """verl saves the processor beside each HF checkpoint; AutoProcessor must get InternVLProcessor back
+    (under the subclass's name it fell back to the bare tokenizer and `vlcal eval` failed)."""
+    from transformers import AutoProcessor, InternVLProcessor
+
+    from vlcal_verl.testing.tiny_models import build_tiny_vlm
+    from vlcal_verl.verl_ext.model_config import VerlInternVLProcessor
+
+    proc = VerlInternVLProcessor.from_pretrained(build_tiny_vlm("internvl"))
+    proc.save_pretrained(tmp_path)
+    back = AutoProcessor.from_pretrained(tmp_path)
+    assert type(back) is InternVLProcessor
+    assert back.image_seq_length == proc.image_seq_length and back.chat_template == proc.chat_template
+    assert dict(back.image_processor.to_dict(), image_processor_type=None) == dict(
+        proc.image_processor.to_dict(), image_processor_type=None
+    )

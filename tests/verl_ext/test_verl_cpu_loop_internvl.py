@@ -86,4 +86,6 @@ def test_two_grpo_steps_with_images_reaching_rollout_and_actor(assets, mixed_dat
     assert any(s["data"]["tar/reweighted_fraction"] > 0 for s in steps)
     hf = ckpt / "global_step_2" / "actor" / "huggingface"
     assert (hf / "config.json").exists() and list(hf.glob("*.safetensors"))
-    assert (hf / "processor_config.json").exists()  # InternVL's processor travels with the checkpoint
+    from transformers import AutoProcessor, InternVLProcessor
+
+    assert type(AutoProcessor.from_pretrained(hf)) is InternVLProcessor  # the processor travels with it

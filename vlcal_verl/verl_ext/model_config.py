@@ -63,6 +63,19 @@ class VerlInternVLProcessor(InternVLProcessor):
             data={**text_inputs, "pixel_values": image_inputs["pixel_values"]}, tensor_type=return_tensors
         )
 
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        """Saved as transformers' ``InternVLProcessor`` (verl writes the processor beside every HF
+        checkpoint), so ``AutoProcessor`` — ``vlcal eval``, vLLM, any HF user — reloads it; under this
+        class's name it would fall back to the bare tokenizer."""
+        plain = InternVLProcessor(
+            image_processor=self.image_processor,
+            tokenizer=self.tokenizer,
+            video_processor=self.video_processor,
+            image_seq_length=self.image_seq_length,
+            chat_template=self.chat_template,
+        )
+        return plain.save_pretrained(save_directory, *args, **kwargs)
+
 
 def tokens_per_tile(hf_config: Any) -> int:
     """Image tokens one InternVL tile becomes: (image_size / patch)² · downsample_ratio²."""
