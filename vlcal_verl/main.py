@@ -150,8 +150,9 @@ def missing_paths(config: DictConfig) -> list[str]:
 
 
 def is_internvl(config: DictConfig) -> bool:
-    """An InternVL run: ``vlcal_model_family: internvl`` or a model path naming InternVL."""
-    family = str(config.get("vlcal_model_family") or "").lower()
+    """An InternVL run: ``vlcal_model_family`` / ``demo.model_family`` internvl or a model path naming it."""
+    demo = config.get("demo") or {}
+    family = str(config.get("vlcal_model_family") or demo.get("model_family") or "").lower()
     path = str(config.actor_rollout_ref.model.get("path") or "").lower()
     return family == "internvl" or "internvl" in path
 

@@ -138,6 +138,13 @@ def test_internvl_recipe_model_config_and_tiles():
     assert cfg.data.mm_processor_kwargs is None and cfg.vlcal_model_family == "internvl"
 
 
+def test_tiny_internvl_demo_without_null_kwargs_is_told_how_to_fix_it():
+    """``demo.model_family=internvl`` alone keeps the demo's Qwen pixel budget: one line says what to set."""
+    with pytest.raises(ConfigError, match=r"data\.mm_processor_kwargs=null"):
+        prepare(_compose("tiny_cpu", ["demo.model_family=internvl"]))
+    prepare(_compose("tiny_cpu", ["demo.model_family=internvl", "data.mm_processor_kwargs=null"]))
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
