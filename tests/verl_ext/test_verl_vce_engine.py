@@ -234,6 +234,7 @@ def test_compute_vce_worker_method_end_to_end(tiny, gloo, monkeypatch):
     eng = _engine(model)
     worker = object.__new__(VLCalActorRolloutRefWorker)
     worker._vce_constants = (black_row_for(proc), 2)
+    worker._vce_model_config = SimpleNamespace(hf_config=model.config, processor=proc)  # as verl builds it
     worker.profiler = None  # verl's annotate runs the method directly without a profiler
     worker.actor = SimpleNamespace(
         engine=eng, infer_batch=lambda d: tu.get_tensordict(eng.infer_batch(d)["model_output"])
