@@ -2,11 +2,12 @@
 
 verl 0.9.1 builds the processor in ``HFModelConfig.__post_init__`` through ``verl.utils.hf_processor``,
 which knows the Qwen-VL, GLM-4V, Mllama and Gemma-4 processors only. For any other class it *warns* and
-sets ``processor = None`` — after which the agent loop drops every image and a vision-language model
-trains as a text-only one, with one warning in a long log. Every place in verl that builds the model
-config (trainer, training workers, agent-loop workers, rollout servers) does so with
-``omega_conf_to_dataclass(config.actor_rollout_ref.model)``, i.e. Hydra's ``_target_``; this package's
-``vlcal_trainer.yaml`` points ``_target_`` at :class:`VLCalModelConfig`, verl's class plus:
+sets ``processor = None``: verl's dataset then refuses every image row ("processor is needed"), and a
+dataset class that passed them on would have its images dropped. verl's trainer, training workers and
+agent-loop workers (and this package's HF rollout) build the model config with
+``omega_conf_to_dataclass(config.actor_rollout_ref.model)``, i.e. Hydra's ``_target_`` (vLLM's server
+forces verl's class, and processes images itself); this package's ``vlcal_trainer.yaml`` points
+``_target_`` at :class:`VLCalModelConfig`, verl's class plus:
 
 - **InternVL** (``InternVLProcessor``, transformers' HF format, e.g. the ``-HF`` releases of
   InternVL3.5): accepted as :class:`VerlInternVLProcessor`, with verl's plain 1-D positions (InternVL
@@ -22,7 +23,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from transformers import InternVLProcessor
+from transformers import BatchFeature, InternVLProcessor
+from transformers.image_utils import make_flat_list_of_images
+from transformers.models.internvl.processing_internvl import InternVLProcessorKwargs
 from verl.workers.config import HFModelConfig
 
 VERL_PROCESSOR_WARNING = "Failed to create processor"
@@ -45,15 +48,10 @@ class VerlInternVLProcessor(InternVLProcessor):
         texts = [text] if isinstance(text, str) else list(text or [])
         if images is None or videos is not None or any(self.image_token in t for t in texts):
             return super().__call__(images=images, text=text, videos=videos, **kwargs)
-        from transformers import BatchFeature
-        from transformers.models.internvl.processing_internvl import InternVLProcessorKwargs
-
         merged = self._merge_kwargs(
             InternVLProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
         )
         flat = self.image_processor.fetch_images(images)
-        from transformers.image_utils import make_flat_list_of_images
-
         image_inputs = self.image_processor(images=make_flat_list_of_images(flat), **merged["images_kwargs"])
         image_inputs.pop("num_patches", None)
         return_tensors = merged["text_kwargs"].pop("return_tensors", None)

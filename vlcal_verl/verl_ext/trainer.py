@@ -154,9 +154,10 @@ class VLCalTrainer(PPOTrainerSync):
         return any(bool(frame[i][key]) for i in range(min(len(frame), 8)))
 
     def _vlcal_check_images(self, batch) -> None:
-        """First step only: data with images must reach the actor as ``multi_modal_inputs``. verl drops
-        every image when it has no processor for the model (a warning in a long log); VCE, TAR and the
-        policy would then train a vision-language model text-only."""
+        """First step only: data with images must reach the actor as ``multi_modal_inputs``. Without a
+        processor for the model verl's own dataset refuses image rows, but a custom dataset class could
+        pass them on and the agent loop would drop the images: VCE, TAR and the policy would then train
+        a vision-language model text-only."""
         if self._vlcal_images_checked:
             return
         self._vlcal_images_checked = True
