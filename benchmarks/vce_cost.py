@@ -18,11 +18,13 @@ goes through verl 0.9.1's ``FSDPEngineWithLMHead.infer_batch`` (its dynamic-batc
   with masked images, then the sampled-token KL.
 
 "× plain" is the **added** time over the plain pass: for the separate rows their own time, for fused
-rows (fused − plain). Memory: on CUDA ``max_memory_allocated`` during the call; on CPU the peak RSS
+rows (fused − plain). The rows run interleaved, one call of each per round, and the ratio is the median
+over rounds of that round's added time / that round's plain time. Memory: on CUDA ``max_memory_allocated`` during the call; on CPU the peak RSS
 increase during the call (sampled every 1 ms, glibc mmap threshold pinned to 64 KiB).
-Times: ``--warmup`` calls, then the median of ``--repeats``.
+Times: ``--warmup`` rounds, then the median of ``--repeats`` rounds.
 
-Usage: ``python benchmarks/vce_cost.py --shape tiny`` (CPU) or ``--shape qwen3-vl-4b`` (GPU, bf16, sdpa).
+Usage: ``python benchmarks/vce_cost.py --shape tiny`` or ``--shape small`` (CPU; ``small`` has tiny's tokens and
+a network that is not free) or ``--shape qwen3-vl-4b`` (GPU, bf16, sdpa).
 Rows whose names start with ``fused`` are the fused calls (a script can read them).
 """
 
@@ -58,6 +60,31 @@ SHAPES = {
             num_heads=2,
             num_position_embeddings=64,
             deepstack_visual_indexes=[1],
+        ),
+        batch=4,
+        image=448,
+        response=512,
+        span=128,
+    ),
+    # tiny's tokens, a network that is not free: 8 layers × 512 (its weights ≈ ⅓ of the LM head's; the
+    # 4B's are ≈ 10×), so what fusion saves — one truncated forward of the network — is measurable on a CPU
+    "small": dict(
+        text=dict(
+            hidden_size=512,
+            intermediate_size=1536,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=64,
+            mrope_section=[16, 8, 8],
+        ),
+        vision=dict(
+            depth=4,
+            hidden_size=256,
+            intermediate_size=1024,
+            num_heads=4,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[1, 3],
         ),
         batch=4,
         image=448,
@@ -190,34 +217,47 @@ class RssPeak:
         self.peak = max(self.peak, self.proc.memory_info().rss - self.base)
 
 
-def measure(fn, device, warmup: int, repeats: int) -> tuple[float, float]:
-    """(median seconds, memory bytes): CUDA peak allocated, or CPU peak RSS increase."""
+def measure_one(fn, device) -> tuple[float, float]:
+    """(seconds, memory bytes) of one call: CUDA peak allocated, or CPU peak RSS increase."""
     import torch
 
-    cuda = device.type == "cuda"
-    for _ in range(warmup):
-        fn()
-    if cuda:
+    if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times, mem = [], 0.0
-    for _ in range(repeats):
-        if not cuda:
-            _trim()
-            with RssPeak() as rss:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            mem = max(mem, rss.peak)
-        else:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0, float(torch.cuda.max_memory_allocated())
+    _trim()
+    with RssPeak() as rss:
+        t0 = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - t0
+    return seconds, float(rss.peak)
+
+
+def measure_rounds(fns, device, warmup: int, repeats: int) -> list[tuple[list[float], float]]:
+    """Per row, (times of every round, peak memory). The rows run interleaved — one call of each row per
+    round — so slow drifts of a shared machine hit every row alike, and a fused row's added time can be
+    taken within each round (fused − plain of the same round) instead of between two separate medians."""
+    for _ in range(warmup):
+        for fn in fns:
             fn()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-    if cuda:
-        mem = torch.cuda.max_memory_allocated()
-    return statistics.median(times), mem
+    times: list[list[float]] = [[] for _ in fns]
+    mem = [0.0 for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t, m = measure_one(fn, device)
+            times[i].append(t)
+            mem[i] = max(mem[i], m)
+    return list(zip(times, mem, strict=True))
+
+
+def added_ratio(times: list[float], plain: list[float], includes_plain: bool) -> float:
+    """VCE's added time as a multiple of plain: median over rounds of (row − plain) / plain for the fused
+    calls (they include verl's pass), of row / plain for the separate calls."""
+    per_round = [((t - p) if includes_plain else t) / p for t, p in zip(times, plain, strict=True)]
+    return statistics.median(per_round)
 
 
 def _trim():
@@ -367,18 +407,17 @@ def main(argv=None) -> int:
         f"B={shape['batch']}, image {shape['image']}×{shape['image']} ({(shape['image'] // 32) ** 2} image "
         f"tokens), prompt ~{p} tokens, response ≤ {shape['response']}, vision span {shape['span']} "
         f"(tokens 8..{8 + shape['span']}), vocab 151936, chunk {args.chunk}, {args.per_micro} samples per "
-        f"micro-batch, packed layout; median of {args.repeats} after {args.warmup} warm-up\n"
+        f"micro-batch, packed layout; median of {args.repeats} interleaved rounds after {args.warmup} warm-up\n"
     )
     mem_name = "peak allocated (GiB)" if device.type == "cuda" else "peak RSS increase (MiB)"
     unit = 2**30 if device.type == "cuda" else 2**20
     print(f"| row | time (s) | × plain | {mem_name} |\n|---|---:|---:|---:|")
-    base = None
-    for label, fn, includes_plain in rows(model, data, spans, mask_ids, args, device):
-        t, mem = measure(fn, device, args.warmup, args.repeats)
-        base = base or t
-        added = (t - base) if includes_plain else t
-        ratio = 1.0 if label.startswith("plain") else added / base
-        print(f"| {label} | {t:.3f} | {ratio:.2f} | {mem / unit:.2f} |", flush=True)
+    table = rows(model, data, spans, mask_ids, args, device)
+    results = measure_rounds([fn for _, fn, _ in table], device, args.warmup, args.repeats)
+    plain_times = results[0][0]
+    for (label, _, includes_plain), (times, mem) in zip(table, results, strict=True):
+        ratio = 1.0 if label.startswith("plain") else added_ratio(times, plain_times, includes_plain)
+        print(f"| {label} | {statistics.median(times):.3f} | {ratio:.2f} | {mem / unit:.2f} |", flush=True)
     print("\n'× plain': the time VCE adds to verl's old-log-prob pass, as a multiple of that pass.")
     return 0
 
