@@ -154,33 +154,68 @@ def test_verl_reward_server_config_passes_verls_own_checks(name, env, device, ro
 
 
 PROBE = """
+import sys
+import torch.distributed as dist
 from verl.utils.distributed import initialize_global_process_group_ray
-initialize_global_process_group_ray(timeout_second=None)
-print("process group opened")
+from vlcal_verl.verl_ext.cpu_backend.process_group import ray_worker_process_setup
+if sys.argv[1] == "hook":
+    ray_worker_process_setup()
+initialize_global_process_group_ray(timeout_second=None)  # verl's call, verl's default backend string
+print("backend", dist.get_backend())
 """
+
+
+def _probe(with_hook: bool) -> subprocess.CompletedProcess:
+    env = {"VERL_PLATFORM": "cpu", "WG_BACKEND": "ray", "RANK": "0", "WORLD_SIZE": "1"}
+    port = str(_free_port())
+    return run([sys.executable, "-c", PROBE, "hook" if with_hook else "bare"], MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=port, **env)  # fmt: skip
+
+
+def test_stock_verl_process_group_needs_the_setup_hook_on_cpu():
+    """verl 0.9.1's own call fails on the CPU platform ('cpu:gloo,cpu:gloo'); after the Ray setup hook
+    the same call goes through and the rank's group is gloo."""
+    bare = _probe(with_hook=False)
+    assert bare.returncode != 0 and "Duplicate device type cpu" in bare.stderr, bare.stderr[-2000:]
+    hooked = _probe(with_hook=True)
+    assert hooked.returncode == 0, hooked.stderr[-3000:]
+    assert "backend gloo" in hooked.stdout
+
+
+def test_setup_hook_acts_only_in_cpu_worker_group_ranks():
+    from vlcal_verl.verl_ext.cpu_backend.process_group import is_worker_group_rank
+
+    rank = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    assert is_worker_group_rank({"VERL_PLATFORM": "cpu", "WG_BACKEND": "ray", **rank})
+    assert is_worker_group_rank({"VERL_PLATFORM": " CPU ", "WG_BACKEND": "ray", **rank})
+    assert not is_worker_group_rank({"VERL_PLATFORM": "cuda", "WG_BACKEND": "ray", **rank})  # GPU: verl's own
+    assert not is_worker_group_rank({"WG_BACKEND": "ray", **rank})
+    assert not is_worker_group_rank({"VERL_PLATFORM": "cpu", **rank})  # TaskRunner, agent loop, servers
+    no_port = {k: v for k, v in rank.items() if k != "MASTER_PORT"}
+    assert not is_worker_group_rank({"VERL_PLATFORM": "cpu", "WG_BACKEND": "ray", **no_port})
+
+
+def test_grpo_cpu_config_installs_the_setup_hook():
+    from omegaconf import OmegaConf
+
+    from vlcal_verl.verl_ext.cpu_backend.process_group import HOOK, ray_worker_process_setup
+
+    cfg = OmegaConf.load(EXAMPLES / "verl_reward_server" / "grpo_cpu.yaml")
+    assert cfg.ray_kwargs.ray_init.runtime_env.worker_process_setup_hook == HOOK
+    module, _, name = HOOK.rpartition(".")
+    import importlib
+
+    assert getattr(importlib.import_module(module), name) is ray_worker_process_setup
 
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_verl_reward_server_two_steps_on_cpu(tmp_path):
-    """run.sh with grpo_cpu: the reward server plus two steps of verl's own GRPO loop on the CPU backend."""
-    cpu_env = {"VERL_PLATFORM": "cpu", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    probe = run(
-        [sys.executable, "-c", PROBE],
-        RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), **cpu_env,
-    )  # fmt: skip
-    if probe.returncode != 0 and "Duplicate device type cpu" in probe.stderr:
-        pytest.skip(
-            "verl 0.9.1's stock worker opens its process group as 'cpu:gloo,cpu:gloo' on the CPU platform, "
-            "which torch rejects; only vlcal's worker works around it (examples/README.md, known limit)"
-        )
-    assert probe.returncode == 0, probe.stderr[-3000:]
-
-    from vlcal_verl.demo.config import DemoConfig
-    from vlcal_verl.demo.pipeline import prepare_assets
+def test_verl_reward_server_two_steps_on_cpu(tmp_path, qwen_demo_assets):
+    """run.sh with grpo_cpu: the reward server plus two steps of verl's own GRPO loop, with verl's stock
+    trainer and worker classes, on the CPU backend."""
     from vlcal_verl.testing.ray_local import new_ray_temp_dir, stop_processes_under
 
-    warm, data = prepare_assets(DemoConfig(dir=str(tmp_path), train_size=16, eval_size=8), tmp_path, {})
+    warm, data = qwen_demo_assets / "warm_start", qwen_demo_assets / "data"  # what `make demo` leaves
     metrics = tmp_path / "verl-metrics.jsonl"
     temp = new_ray_temp_dir()
     overrides = [
@@ -206,7 +241,9 @@ def test_verl_reward_server_two_steps_on_cpu(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     steps = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     assert [s["step"] for s in steps] == [1, 2]
-    for s in steps:  # rewards came from the server: R of the decoupled protocol lies in [−3, 1.4]
+    # the client raises when the server does not answer (no default score), so two steps mean server rewards;
+    # R of the decoupled protocol lies in [−3, 1.4]
+    for s in steps:
         score = s["data"]["critic/score/mean"]
         assert -3.0 <= score <= 1.4
 

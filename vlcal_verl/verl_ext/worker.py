@@ -86,7 +86,9 @@ def open_cpu_process_group() -> None:
 
     verl's ``initialize_global_process_group_ray`` builds the backend string ``cpu:gloo,{device}:{backend}``,
     which on a CPU is ``cpu:gloo,cpu:gloo`` — torch rejects the duplicate device. verl opens a group only
-    when none exists (``torch.distributed.is_initialized()``), so opening ``gloo`` first is enough.
+    when none exists (``torch.distributed.is_initialized()``), so opening ``gloo`` first is enough. (verl's
+    stock workers get the same from Ray's setup hook, :mod:`vlcal_verl.verl_ext.cpu_backend.process_group`;
+    after it this call is a no-op.)
     """
     from vlcal_verl.verl_ext.cpu_backend import cpu_backend_requested
 

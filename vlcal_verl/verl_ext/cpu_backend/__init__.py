@@ -10,7 +10,7 @@ piece                 verl registry / hook                         module
 platform ``cpu``      ``verl.plugin.platform.PlatformRegistry``    :mod:`.platform`
 FSDP engine on cpu    ``verl.workers.engine.EngineRegistry``       :mod:`.engine`
 HF rollout replica    ``RolloutReplicaRegistry``                   :mod:`.rollout`
-gloo process group    opened before verl's (``is_initialized``)    :mod:`vlcal_verl.verl_ext.worker`
+gloo process group    opened before verl's (``is_initialized``)    :mod:`.process_group`, worker.py
 local Ray head        logical GPUs = FSDP ranks, 127.0.0.1         :mod:`.ray_local`
 ====================  ===========================================  =====================================
 
