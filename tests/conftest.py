@@ -28,3 +28,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def qwen_demo_assets(tmp_path_factory):
+    """Demo data (64 train prompts, 8 held out) and a 100-step warm-started tiny Qwen3-VL, built once per
+    session for every test that runs verl's loop on it (`root/data`, `root/warm_start`; ~2 min on 2 cores)."""
+    from vlcal_verl.demo.config import DemoConfig
+    from vlcal_verl.demo.pipeline import prepare_assets
+
+    root = tmp_path_factory.mktemp("qwen_demo_assets")
+    cfg = DemoConfig(dir=str(root), train_size=64, eval_size=8, warm_start_steps=100)
+    prepare_assets(cfg, root, {})
+    return root

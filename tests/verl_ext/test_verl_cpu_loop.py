@@ -25,15 +25,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """Demo data (64 train prompts, 8 held out) and a 100-step warm start, shared by the runs below."""
-    from vlcal_verl.demo.config import DemoConfig
-    from vlcal_verl.demo.pipeline import prepare_assets
-
-    root = tmp_path_factory.mktemp("cpu_loop")
-    cfg = DemoConfig(dir=str(root), train_size=64, eval_size=8, warm_start_steps=100)
-    prepare_assets(cfg, root, {})
-    return root
+def assets(qwen_demo_assets):
+    """The session's demo data and warm start (tests/conftest.py), shared by the runs below."""
+    return qwen_demo_assets
 
 
 def test_two_grpo_steps_checkpoint_and_resume(assets):
