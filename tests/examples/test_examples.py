@@ -222,6 +222,9 @@ def test_verl_reward_server_two_steps_on_cpu(tmp_path, qwen_demo_assets):
         f"actor_rollout_ref.model.path={warm}",
         f"data.train_files={data / 'train.parquet'}",
         f"data.val_files={data / 'easy-vqa-heldout.parquet'}",
+        "data.train_batch_size=2",  # 2 prompts × 4 rollouts per step: CI time (one sequence group per rank)
+        "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+        "data.max_response_length=48",
         f"trainer.default_local_dir={tmp_path / 'ckpt'}",
         f"+ray_kwargs.ray_init._temp_dir={temp}",
         f"hydra.run.dir={tmp_path / 'hydra'}",
