@@ -21,13 +21,14 @@ point (:mod:`vlcal_verl.verl_ext.plugin`) when ``VERL_PLATFORM=cpu``; GPU runs n
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 PLATFORM_ENV = "VERL_PLATFORM"
 
 
-def cpu_backend_requested() -> bool:
-    """``VERL_PLATFORM=cpu`` in this process's environment."""
-    return os.environ.get(PLATFORM_ENV, "").strip().lower() == "cpu"
+def cpu_backend_requested(env: Mapping[str, str] = os.environ) -> bool:
+    """``VERL_PLATFORM=cpu`` in this process's environment (or in ``env``)."""
+    return env.get(PLATFORM_ENV, "").strip().lower() == "cpu"
 
 
 def register_platform_only() -> None:

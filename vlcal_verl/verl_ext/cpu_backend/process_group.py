@@ -21,40 +21,26 @@ Only with ``VERL_PLATFORM=cpu``: on a GPU platform both are no-ops and verl open
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+
+from vlcal_verl.verl_ext.cpu_backend import cpu_backend_requested
 
 RANK_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 HOOK = "vlcal_verl.verl_ext.cpu_backend.process_group.ray_worker_process_setup"
 
 
-def is_worker_group_rank(env: dict[str, str] | os._Environ = os.environ) -> bool:
+def is_worker_group_rank(env: Mapping[str, str] = os.environ) -> bool:
     """A process of a verl ``RayWorkerGroup`` on the CPU platform (the TaskRunner, agent-loop workers,
     rollout servers and reward workers are not: verl sets ``WG_BACKEND`` and the rank variables only
     for worker-group ranks)."""
-    return (
-        env.get("VERL_PLATFORM", "").strip().lower() == "cpu"
-        and env.get("WG_BACKEND") == "ray"
-        and all(env.get(k) for k in RANK_ENV)
-    )
-
-
-def open_gloo_group() -> bool:
-    """Open the global group as plain ``gloo`` with verl's rank, world size and init method; False when
-    one is already open."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return False
-    dist.init_process_group(
-        backend="gloo",
-        rank=int(os.environ["RANK"]),
-        world_size=int(os.environ["WORLD_SIZE"]),
-        init_method=os.environ.get("DIST_INIT_METHOD") or None,
-    )
-    return True
+    return cpu_backend_requested(env) and env.get("WG_BACKEND") == "ray" and all(env.get(k) for k in RANK_ENV)
 
 
 def ray_worker_process_setup() -> None:
-    """Ray ``worker_process_setup_hook``: open the gloo group in verl worker-group ranks on the CPU
-    platform; nothing anywhere else (it only reads the environment there)."""
+    """Ray ``worker_process_setup_hook``: in verl worker-group ranks on the CPU platform, verl's own
+    ``initialize_global_process_group_ray`` with plain ``gloo`` (verl's rank, world size and init method;
+    a no-op when a group is open); nothing anywhere else (it only reads the environment there)."""
     if is_worker_group_rank():
-        open_gloo_group()
+        from verl.utils.distributed import initialize_global_process_group_ray
+
+        initialize_global_process_group_ray(timeout_second=None, backend="gloo")
