@@ -195,7 +195,7 @@ def test_setup_hook_acts_only_in_cpu_worker_group_ranks():
     assert not is_worker_group_rank({"VERL_PLATFORM": "cpu", "WG_BACKEND": "ray", **no_port})
 
 
-def test_grpo_cpu_config_installs_the_setup_hook():
+def test_grpo_cpu_config_installs_the_setup_hook_and_eager_entropy():
     from omegaconf import OmegaConf
 
     from vlcal_verl.verl_ext.cpu_backend.process_group import HOOK, ray_worker_process_setup
@@ -206,6 +206,8 @@ def test_grpo_cpu_config_installs_the_setup_hook():
     import importlib
 
     assert getattr(importlib.import_module(module), name) is ray_worker_process_setup
+    for role in ("actor", "ref"):  # eager entropy on a CPU, as vlcal's own CPU device
+        assert cfg.actor_rollout_ref[role].fsdp_config.use_torch_compile is False, role
 
 
 @pytest.mark.slow

@@ -282,6 +282,28 @@ def test_cpu_device_check_in_a_fresh_process(args):
     assert "Falling back to 'nvidia'" not in out.stdout + out.stderr  # the CPU platform was chosen
 
 
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "compiled"),
+    [
+        ("tiny_cpu", [], False),
+        ("qwen3_vl_4b", ["+device=cpu", "actor_rollout_ref.model.path=/m"], False),
+        ("qwen3_vl_4b", [], True),
+    ],
+)
+def test_entropy_compile_off_on_cpu_only(recipe, overrides, compiled):
+    """verl's FSDP engine compiles its entropy when ``fsdp_config.use_torch_compile``; on the CPU device the
+    actor's and the reference's engine configs (as verl builds them) say no, on a GPU recipe verl's default
+    (compile) stays."""
+    from verl.utils.config import omega_conf_to_dataclass
+    from verl.workers.config import FSDPEngineConfig
+
+    cfg = _compose(recipe, overrides)
+    for role in ("actor", "ref"):
+        engine = omega_conf_to_dataclass(cfg.actor_rollout_ref[role].fsdp_config)
+        assert isinstance(engine, FSDPEngineConfig)
+        assert engine.use_torch_compile is compiled, role
+
+
 def _check(args: list[str], cwd: Path):
     import subprocess
     import sys

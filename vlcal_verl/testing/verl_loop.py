@@ -43,8 +43,34 @@ def run_verl(
     log = proc.stdout + proc.stderr
     (out / f"{metrics.stem}.log").write_text(log, encoding="utf-8")
     if expect_ok:
-        assert proc.returncode == 0, f"verl run {name} failed (exit {proc.returncode}):\n{log[-6000:]}"
+        assert proc.returncode == 0, (
+            f"verl run {name} failed (exit {proc.returncode}; full log {out / f'{metrics.stem}.log'}):\n"
+            f"{crash_excerpt(log)}{log[-6000:]}"
+        )
     return metrics, ckpt, log
+
+
+# what a Ray worker prints when it dies of a signal (Python's faulthandler) or of the OOM killer; the
+# driver's traceback only says "the actor died", and the worker's lines are far above the log's tail
+_CRASH_MARKERS = (
+    "Fatal Python error",
+    "Segmentation fault",
+    "SIGSEGV",
+    "SIGBUS",
+    "SIGABRT",
+    "OutOfMemoryError",
+)
+
+
+def crash_excerpt(log: str, before: int = 5, after: int = 40) -> str:
+    """The lines around the first worker crash report in ``log`` (``before`` lines above, ``after`` below),
+    headed for an assertion message; "" when the log holds none."""
+    lines = log.splitlines()
+    for i, line in enumerate(lines):
+        if any(m in line for m in _CRASH_MARKERS):
+            block = "\n".join(lines[max(0, i - before) : i + after])
+            return f"--- first crash report (log line {i + 1}) ---\n{block}\n--- log tail ---\n"
+    return ""
 
 
 def steps_of(metrics: Path) -> list[dict]:
