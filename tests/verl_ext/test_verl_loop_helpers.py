@@ -24,5 +24,13 @@ def test_crash_excerpt_finds_a_real_segfault_report():
     assert excerpt.count("\n") <= 2 + 5 + 3
 
 
+RAY_GENERIC = (
+    "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.\n"
+    "Some common causes include: (1) the process was killed by the OOM killer due to high memory usage, (2) ray "
+    "stop --force was called, or (3) the worker crashed unexpectedly due to SIGSEGV or another unexpected error.\n"
+)
+
+
 def test_crash_excerpt_is_empty_for_an_ordinary_failure():
     assert crash_excerpt("Traceback (most recent call last):\nValueError: bad config\n") == ""
+    assert crash_excerpt(RAY_GENERIC) == ""  # Ray's text for any death is not a crash report

@@ -50,16 +50,11 @@ def run_verl(
     return metrics, ckpt, log
 
 
-# what a Ray worker prints when it dies of a signal (Python's faulthandler) or of the OOM killer; the
-# driver's traceback only says "the actor died", and the worker's lines are far above the log's tail
-_CRASH_MARKERS = (
-    "Fatal Python error",
-    "Segmentation fault",
-    "SIGSEGV",
-    "SIGBUS",
-    "SIGABRT",
-    "OutOfMemoryError",
-)
+# what a Ray worker prints when it dies of a signal (Python's faulthandler; Ray's C++ handler writes
+# "*** SIGSEGV received at …") or what Ray says when its memory monitor kills one; the driver's traceback
+# only says "the actor died", and the worker's lines are far above the log's tail. Not a bare "SIGSEGV":
+# Ray's generic ActorDiedError text names it ("crashed unexpectedly due to SIGSEGV or …") for any death.
+_CRASH_MARKERS = ("Fatal Python error", "Segmentation fault", "*** SIG", "OutOfMemoryError")
 
 
 def crash_excerpt(log: str, before: int = 5, after: int = 40) -> str:
