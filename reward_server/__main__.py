@@ -18,21 +18,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(settings: settings_mod.ServerSettings) -> int:
-    """Run uvicorn in this process until SIGINT/SIGTERM; returns the exit code."""
+    """Run uvicorn in this process until SIGINT/SIGTERM; returns the exit code.
+
+    Shutdown is graceful within ``settings.shutdown_grace_s`` (see :mod:`reward_server.shutdown`)."""
     import uvicorn
 
     from reward_server.app import create_app
+    from reward_server.shutdown import draining_server
 
     app = create_app(settings)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,  # per-request lines would dominate the log at RL batch rates; see /metrics
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
-    return 0
+    server = draining_server(config, app.fastapi.state.drain)
+    server.run()
+    return 0 if server.started else 3  # uvicorn.run's exit code when start-up failed
 
 
 def main(argv: list[str] | None = None) -> int:

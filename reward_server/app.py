@@ -36,6 +36,7 @@ from reward_server.limits import (
 from reward_server.metrics import ServerMetrics
 from reward_server.scoring import ScoringService
 from reward_server.settings import ServerSettings
+from reward_server.shutdown import Drain
 from vlcal_verl.config import RewardConfig
 
 ROUTES = {"/v1/score", "/v1/visual-labels", "/get_reward", "/healthz", "/readyz", "/metrics", "/v1/info"}
@@ -46,6 +47,7 @@ def create_app(settings: ServerSettings | None = None) -> Any:
     settings = (settings or ServerSettings()).validate()
     metrics = ServerMetrics.create()
     service = ScoringService(settings, metrics)
+    drain = Drain(settings.shutdown_grace_s, settings.retry_after_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -59,12 +61,13 @@ def create_app(settings: ServerSettings | None = None) -> Any:
 
     app = FastAPI(title="vlcal reward server", version=reward_server.__version__, lifespan=lifespan)
     app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
+    app.state.drain = drain  # started by reward_server.shutdown.DrainingServer on SIGTERM
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(Exception, internal_error_handler)
-    _add_scoring_routes(app, settings, service)
-    _add_ops_routes(app, settings, metrics, service)
+    _add_scoring_routes(app, settings, service, drain)
+    _add_ops_routes(app, settings, metrics, service, drain)
     wrapped = BodyLimitMiddleware(app, settings.max_body_bytes)
     outer = MetricsMiddleware(wrapped, metrics, ROUTES)
     outer.fastapi = app  # type: ignore[attr-defined]  # reachable for tests and introspection
@@ -119,16 +122,19 @@ def _reward_info(cfg: RewardConfig) -> schemas.RewardInfo:
     )
 
 
-def _add_scoring_routes(app: FastAPI, settings: ServerSettings, service: ScoringService) -> None:
+def _add_scoring_routes(
+    app: FastAPI, settings: ServerSettings, service: ScoringService, drain: Drain
+) -> None:
     @app.post("/v1/score", response_model=schemas.ScoreResponse)
     async def score(request: schemas.ScoreRequest) -> schemas.ScoreResponse:
         start = time.perf_counter()
+        drain.refuse_if_draining()
         _check_reward(request.reward)
         _check_items(settings, len(request.items), "items")
         _check_responses(settings, [it.response for it in request.items], "items", "response")
         cfg = _reward_config(settings, request.weights)
         async with service.admit(len(request.items)):
-            results = await service.score(request.items, cfg)
+            results = await drain.finish(service.score(request.items, cfg))
         return schemas.ScoreResponse(
             results=results,
             reward=_reward_info(cfg),
@@ -138,23 +144,25 @@ def _add_scoring_routes(app: FastAPI, settings: ServerSettings, service: Scoring
 
     @app.post("/get_reward", response_model=schemas.OpenRLHFResponse)
     async def get_reward(request: schemas.OpenRLHFRequest) -> schemas.OpenRLHFResponse:
+        drain.refuse_if_draining()
         _check_items(settings, len(request.query), "query")
         _check_responses(settings, request.query, "query", None)
         items, methods = openrlhf.to_items(request)
         async with service.admit(len(items)):
-            results = await service.score(items, settings.reward_config())
+            results = await drain.finish(service.score(items, settings.reward_config()))
         for method in methods:
             service.metrics.get_reward_splits.labels(method=method).inc()
         return openrlhf.to_response(results, methods)
 
     @app.post("/v1/visual-labels", response_model=schemas.VisualLabelResponse)
     async def visual_labels(request: schemas.VisualLabelRequest) -> schemas.VisualLabelResponse:
+        drain.refuse_if_draining()
         _check_items(settings, len(request.samples), "samples")
-        return await asyncio.to_thread(visual.visual_labels, request)
+        return await drain.finish(asyncio.to_thread(visual.visual_labels, request))
 
 
 def _add_ops_routes(
-    app: FastAPI, settings: ServerSettings, metrics: ServerMetrics, service: ScoringService
+    app: FastAPI, settings: ServerSettings, metrics: ServerMetrics, service: ScoringService, drain: Drain
 ) -> None:
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -162,6 +170,12 @@ def _add_ops_routes(
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
+        if drain.draining:
+            return JSONResponse(
+                {"ready": False, "reason": "shutting down"},
+                status_code=503,
+                headers={"Retry-After": str(settings.retry_after_s)},
+            )
         if service.ready:
             return JSONResponse({"ready": True, "workers": settings.workers})
         return JSONResponse(

@@ -52,6 +52,9 @@ class ServerSettings:
     """Default to the authors' decouple reward (their parsing, mathruler in-process); a request may override."""
     log_level: str = "info"
     """uvicorn log level."""
+    shutdown_grace_s: float = 20.0
+    """After SIGTERM/SIGINT: seconds in-flight requests get before the process exits (those not done 1 s
+    before the end are answered 503 + Retry-After; see reward_server.shutdown)."""
 
     def validate(self) -> ServerSettings:
         """Raise ValueError naming the field when a value is out of range; return self."""
@@ -61,7 +64,7 @@ class ServerSettings:
                 raise ValueError(f"{f.name} must be a finite number, got {value}")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
-        positive = ("workers", "timeout", "max_items", "max_body_bytes", "max_inflight")
+        positive = ("workers", "timeout", "max_items", "max_body_bytes", "max_inflight", "shutdown_grace_s")
         for name in (*positive, "max_response_chars", "retry_after_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -105,6 +108,7 @@ _HELP = {
     "w_vis": "default visual-term weight (finite)",
     "reference_parity": "default to the authors' reward (off unless given): --reference-parity [true|false]",
     "log_level": "uvicorn log level",
+    "shutdown_grace_s": "seconds in-flight requests get after SIGTERM before exit (unfinished: 503)",
 }
 
 

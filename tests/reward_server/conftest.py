@@ -96,6 +96,22 @@ def server():
 
 
 @pytest.fixture
+def server_factory():
+    """``start(**limits)`` → a server of its own with those settings; all are stopped at teardown."""
+    started: list[RunningServer] = []
+
+    def start(**limits) -> RunningServer:
+        started.append(start_server(**limits))
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        for running in started:
+            stop_server(running)
+
+
+@pytest.fixture
 def fresh_server():
     """A server of its own, for tests of what happens first after start-up."""
     running = start_server()

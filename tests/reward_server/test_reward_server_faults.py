@@ -1,5 +1,7 @@
 """Faults contained by the real reward server: a hanging sympy input times out alone, a killed grading
-worker fails only its own item, and overload is answered with 503 + Retry-After."""
+worker fails only its own item, overload is answered with 503 + Retry-After, and SIGTERM with a batch in
+flight still answers it (its results within the grace period, else 503 + Retry-After), refuses new
+connections and exits within the grace period."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import signal
 import threading
 import time
 
+import httpx
 import psutil
 import pytest
 
@@ -129,3 +132,48 @@ def test_overload_is_503_with_retry_after(server):
         accepted = http.post("/v1/score", json={"items": [good("extra")]})
         assert accepted.status_code == 200
         assert metric(http, "vlcal_rs_overload_rejections_total") >= 1
+
+
+def sigterm_mid_batch(server, items: list[dict], grace_s: float) -> tuple[httpx.Response, float, bool]:
+    """POST ``items``, SIGTERM the server process once they are in flight; return (the reply, seconds from
+    SIGTERM to the process's exit, whether a new connection was refused meanwhile)."""
+    thread, out = post_in_thread(server, {"items": items})
+    with server.client() as http:
+        wait_until(lambda: metric(http, "vlcal_rs_inflight_items") == len(items), "the batch in flight")
+    os.kill(server.process.pid, signal.SIGTERM)  # the server process only, as Kubernetes and docker do
+    sent = time.monotonic()
+    refused = False
+    while time.monotonic() - sent < grace_s and not refused:
+        try:
+            httpx.get(server.url + "/healthz", timeout=0.5)
+            time.sleep(0.05)
+        except httpx.ConnectError:
+            refused = True
+        except httpx.TransportError:
+            time.sleep(0.05)
+    server.process.wait(timeout=grace_s + 10)
+    exited_after = time.monotonic() - sent
+    thread.join(timeout=10)
+    assert "reply" in out, "the in-flight request got no HTTP answer"
+    return out["reply"], exited_after, refused
+
+
+def test_sigterm_lets_the_in_flight_batch_finish(server_factory):
+    grace = 8.0
+    server = server_factory(shutdown_grace_s=grace)  # per-item grading timeout 2 s: the batch takes ~2 s
+    reply, exited_after, refused = sigterm_mid_batch(server, [hanging("h"), good("a"), good("b")], grace)
+    assert reply.status_code == 200, reply.text
+    statuses = {r["uid"]: r["status"] for r in reply.json()["results"]}
+    assert statuses == {"h": "timeout", "a": "ok", "b": "ok"}
+    assert refused, "a new connection was still accepted after SIGTERM"
+    assert exited_after < grace, f"exited {exited_after:.1f} s after SIGTERM (grace {grace} s)"
+
+
+def test_sigterm_answers_503_when_the_grace_runs_out(server_factory):
+    grace = 3.0
+    server = server_factory(shutdown_grace_s=grace, timeout=60.0)  # hanging items outlast the grace
+    reply, exited_after, _ = sigterm_mid_batch(server, [hanging("h1"), hanging("h2")], grace)
+    assert reply.status_code == 503, reply.text
+    assert reply.headers["Retry-After"] == "1"
+    assert reply.json()["detail"][0]["type"] == "shutting_down"
+    assert exited_after < grace, f"exited {exited_after:.1f} s after SIGTERM (grace {grace} s)"
