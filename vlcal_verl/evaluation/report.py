@@ -14,6 +14,11 @@ Every block counts the generations cut at the token limit (``n_truncated``; reco
 ``unparsed_truncated`` (cut off before the confidences) and ``unparsed_malformed`` (ended but not in the
 protocol's layout; ``unparsed_unknown`` when truncation is unknown). ``ci95`` holds percentile
 bootstrap intervals of ACC, AUROC, ECE, Brier and AURC (:func:`vlcal_verl.metrics.bootstrap_ci`).
+
+Every block also holds ``visual`` (when records carry ``visual_correct``, the exact easy-vqa judge's
+verdict on z_vis: its counts and the AUROC of c_v and of S̃_vis for it, with ci95) and ``no_image_gap``
+(Φ and c_v, answerable − image removed, with ci95; paired when the blank records are the uid twins);
+see :mod:`vlcal_verl.evaluation.visual_metrics`. ``report.md`` shows them in a third table.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from vlcal_verl.evaluation.visual_metrics import no_image_gap, visual_block
 from vlcal_verl.metrics import bootstrap_ci, calibration_metrics, plot_reliability, plot_risk_coverage
 
 TABLE_COLUMNS = (
@@ -152,7 +158,11 @@ def compute_report_metrics(
         b = [r for r in blank if _base_name(r) == name]
         block = _with_gap(group_metrics(a, n_boot, seed), unanswerable_block(b))
         per[name] = block if block is not None else {"n": 0, "unanswerable": unanswerable_block(b)}
+        per[name].update(visual=visual_block(a, n_boot, seed), no_image_gap=no_image_gap(a, b, n_boot, seed))
     overall = _with_gap(group_metrics(answerable, n_boot, seed), unanswerable_block(blank))
+    if overall is not None:
+        overall["visual"] = visual_block(answerable, n_boot, seed)
+        overall["no_image_gap"] = no_image_gap(answerable, blank, n_boot, seed)
     boot = {"n_boot": n_boot, "seed": seed, "level": 0.95, "method": "percentile, items resampled"}
     return {"title": title, "overall": overall, "per_benchmark": per, "bootstrap": boot if n_boot else None}
 
@@ -240,6 +250,39 @@ def ci_table(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _with_ci(block: Mapping[str, Any] | None, key: str, spec: str = "{:.3f}") -> str:
+    if not block or block.get(key) is None:
+        return "–"
+    ci = block.get("ci95")
+    return _fmt(block[key], spec) + (f" [{spec.format(ci[0])}, {spec.format(ci[1])}]" if ci else "")
+
+
+def visual_table(metrics: Mapping[str, Any]) -> str:
+    """Per benchmark: the exact visual judge's counts, AUROC of c_v and of S̃_vis for ``visual_correct``,
+    and the no-image gaps of c_v and Φ, each with its 95% interval; "" when no block has any of them."""
+    rows = [*metrics["per_benchmark"].items(), ("**overall**", metrics["overall"])]
+    rows = [(n, m) for n, m in rows if m and (m.get("visual") or m.get("no_image_gap"))]
+    if not rows:
+        return ""
+    head = ["judged", "correct", "undescribed", "no vision", "AUROC(c_v, visual)", "AUROC(S̃_vis, visual)"]
+    head += ["no-image gap c_v", "no-image gap Φ"]
+    lines = [
+        "Visual correctness (exact easy-vqa judge: names the true colour and shape, nothing else; "
+        "c_v unparsed = 0) and the no-image gap (mean answerable − mean image removed):",
+        "",
+        "| benchmark | " + " | ".join(head) + " |",
+        "|---|" + "---:|" * len(head),
+    ]
+    for name, m in rows:
+        v, g = m.get("visual") or {}, m.get("no_image_gap") or {}
+        cells = [f"{v['n_judged']} / {v['n_items']}" if v else "–"]
+        cells += [_fmt(v.get(k), "{:d}") for k in ("n_correct", "n_undescribed", "n_no_vision")]
+        cells += [_with_ci(v.get("c_v"), "auroc"), _with_ci(v.get("s_vis"), "auroc")]
+        cells += [_with_ci(g.get(k), "gap", "{:+.3f}") for k in ("vision_confidence", "confidence")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def truncation_note(metrics: Mapping[str, Any]) -> str:
     """One line: how many generations hit the token limit, and why the unparsed ones are unparsed."""
     o = metrics.get("overall") or {}
@@ -319,7 +362,14 @@ def write_report(
         metrics["visual_agreement"] = visual_agreement(records, judgments)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     table = "\n\n".join(
-        part for part in (markdown_table(metrics), truncation_note(metrics), ci_table(metrics)) if part
+        part
+        for part in (
+            markdown_table(metrics),
+            truncation_note(metrics),
+            ci_table(metrics),
+            visual_table(metrics),
+        )
+        if part
     )
     pngs = _plots(records, out, title)
     md = [f"# {title}", "", table, ""]
