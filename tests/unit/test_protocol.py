@@ -359,11 +359,31 @@ def test_build_prompt():
         build_prompt("Q", "other")
 
 
+def growth(parse, n: int, repeats: int = 5) -> float:
+    """Time of ``parse(4·n)`` over time of ``parse(n)``, each the best of ``repeats`` (≈ 4 when linear,
+    ≈ 16 when quadratic; a ratio, so a slow or loaded machine does not change it)."""
+    import time
+
+    def best(size: int) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            parse(size)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return best(4 * n) / best(n)
+
+
 def test_adversarial_many_tags_is_fast_enough():
     # a regex with 15 lazy segments would backtrack for ages here; the scanner is linear
-    text = ("<think><vision>" * 5000) + "</vision>" * 10 + "<reasoning>" * 5000
-    p = parse_response(text)
+    def parse(n: int):
+        return parse_response(("<think><vision>" * n) + "</vision>" * 10 + "<reasoning>" * n)
+
+    p = parse(5000)
     assert not p.format_ok and p.failure is not None
+    ratio = growth(parse, 10000)  # measured 4.3 on 2 loaded cores
+    assert ratio < 8.0, f"4x the input took {ratio:.1f}x the time: not linear"
 
 
 TAGS = [
@@ -444,9 +464,15 @@ def test_first_box_after_matches_naive_scan(pieces, pos):
 
 
 def test_many_unbalanced_boxes_stay_linear():
-    text = "<think><vision>a</vision><reasoning>b</reasoning></think>" + "\\boxed{" * 20000 + "x}"
-    p = parse_response(text)
+    def parse(n: int):
+        return parse_response(
+            "<think><vision>a</vision><reasoning>b</reasoning></think>" + "\\boxed{" * n + "x}"
+        )
+
+    p = parse(20000)
     assert p.answer is None and not p.format_ok  # the outermost box never closes: cut off
+    ratio = growth(parse, 5000)  # measured 3.5 on 2 loaded cores
+    assert ratio < 8.0, f"4x the input took {ratio:.1f}x the time: not linear"
 
 
 _TAG_PIECES = ["<", ">", "/", " ", "\n", "vision", "vision_confidence", "think", "confidence", "x", "é", "🐱"]
