@@ -27,6 +27,7 @@ from reward_server import openrlhf, schemas, visual
 from reward_server.limits import (
     ApiError,
     BodyLimitMiddleware,
+    JsonContentTypeMiddleware,
     MetricsMiddleware,
     api_error_handler,
     http_error_handler,
@@ -68,7 +69,7 @@ def create_app(settings: ServerSettings | None = None) -> Any:
     app.add_exception_handler(Exception, internal_error_handler)
     _add_scoring_routes(app, settings, service, drain)
     _add_ops_routes(app, settings, metrics, service, drain)
-    wrapped = BodyLimitMiddleware(app, settings.max_body_bytes)
+    wrapped = JsonContentTypeMiddleware(BodyLimitMiddleware(app, settings.max_body_bytes))
     outer = MetricsMiddleware(wrapped, metrics, ROUTES)
     outer.fastapi = app  # type: ignore[attr-defined]  # reachable for tests and introspection
     return outer

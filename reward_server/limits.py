@@ -3,8 +3,9 @@
 Every error the server returns has one shape, FastAPI's own: ``{"detail": [{"loc": [...], "msg": ...,
 "type": ...}]}``, where ``loc`` names the field (``["body", "items", 3, "response"]``) or the limit
 (``["body"]`` for the body size). Status codes follow what trainers' clients do with them: 4xx means
-"your request is wrong, do not retry" (400 malformed JSON, 413 too large, 422 invalid), 503 + Retry-After
-means "try again shortly" (verl's reward client retries 5xx only).
+"your request is wrong, do not retry" (400 malformed JSON, 413 too large, 415 a body declared as something
+other than JSON, 422 invalid), 503 + Retry-After means "try again shortly" (verl's reward client retries
+5xx only).
 
 The body limit is enforced before FastAPI parses anything: a declared Content-Length over the limit is
 refused at once, and a chunked body is counted while it streams in, so a huge body is never buffered.
@@ -139,6 +140,46 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def is_json_media_type(content_type: bytes | None) -> bool:
+    """True for no Content-Type (read as JSON), ``application/json`` and ``application/*+json``,
+    parameters (``; charset=utf-8``) and case ignored.
+
+    >>> [is_json_media_type(t) for t in (None, b"application/json; charset=utf-8", b"text/plain")]
+    [True, True, False]
+    """
+    if content_type is None:
+        return True
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+class JsonContentTypeMiddleware:
+    """415 naming the Content-Type for a POST body that is declared as something other than JSON; a body
+    without a Content-Type is read as JSON.
+
+    FastAPI parses neither and reports both as 422 "Input should be a valid dictionary", which sends the
+    caller looking at their fields rather than their header."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            declared = dict(scope.get("headers") or []).get(b"content-type")
+            if not is_json_media_type(declared):
+                assert declared is not None
+                text = declared.decode("latin-1")
+                msg = f"Content-Type {text!r} is not JSON: send the body as JSON, Content-Type: application/json"
+                await error_response(415, ["header", "content-type"], msg, "unsupported_media_type")(
+                    scope, receive, send
+                )
+                return
+            if declared is None:
+                headers = [*scope.get("headers", []), (b"content-type", b"application/json")]
+                scope = {**scope, "headers": headers}
+        await self.app(scope, receive, send)
 
 
 class MetricsMiddleware:

@@ -3,6 +3,7 @@ timeouts and dead workers contained to their own items."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -323,3 +324,49 @@ def test_first_visual_labels_call_is_fast_once_ready(fresh_server):
         elapsed = time.perf_counter() - start
     assert reply.status_code == 200 and reply.json()["n_with_span"] == 1
     assert elapsed < 1.0, f"first /v1/visual-labels took {elapsed:.1f} s"
+
+
+def test_a_body_declared_as_not_json_is_415_naming_the_header(server):
+    """A JSON body sent as text/plain or a form is refused with 415 naming the Content-Type (FastAPI's own
+    answer, 422 "Input should be a valid dictionary", points at the fields); no Content-Type, a charset
+    parameter or a UTF-8 byte-order mark still score."""
+    body = json.dumps({"items": ITEMS[:1]}).encode()
+    with server.client() as http:
+        for declared in ("text/plain", "application/x-www-form-urlencoded"):
+            reply = http.post("/v1/score", content=body, headers={"content-type": declared})
+            assert reply.status_code == 415, reply.text
+            (entry,) = detail(reply)
+            assert entry["loc"] == ["header", "content-type"] and declared in entry["msg"]
+            assert "application/json" in entry["msg"]
+        for headers, content in (
+            ({}, body),
+            ({"content-type": "application/json; charset=utf-8"}, body),
+            ({"content-type": "application/json"}, b"\xef\xbb\xbf" + body),
+        ):
+            reply = http.post("/v1/score", content=content, headers=headers)
+            assert reply.status_code == 200, (headers, reply.text)
+            assert_same(reply.json()["results"][0], expected(ITEMS[0]))
+
+
+def test_authors_rlcr_reward_as_training_computes_it(server):
+    """protocol rlcr + reference_parity (training's ablation=rlcr in parity mode: w_brier 0.8) gives
+    compute_score's numbers: the authors' (c/10)^1.3 confidence, 0.5 when missing, whole-layout format."""
+    weights = {"protocol": "rlcr", "reference_parity": True, "w_brier": 0.8, "w_vis": 0.0}
+    rlcr = "<think>count</think>\\boxed{%s}<analysis>ok</analysis><confidence>%s</confidence>"
+    items = [
+        {"uid": "right", "data_source": "virl", "response": rlcr % ("3", "7"), "ground_truth": "3"},
+        {"uid": "wrong", "data_source": "virl", "response": rlcr % ("4", "10"), "ground_truth": "3"},
+        {"uid": "low", "data_source": "virl", "response": rlcr % ("3", "0.5"), "ground_truth": "3"},
+        {"uid": "none", "data_source": "virl", "response": "\\boxed{3}", "ground_truth": "3"},
+    ]
+    with server.client() as http:
+        reply = http.post("/v1/score", json={"items": items, "weights": weights})
+    assert reply.status_code == 200, reply.text
+    results = reply.json()["results"]
+    for item, result in zip(items, results, strict=True):
+        assert_same(result, expected(item, **weights))
+    right = results[0]["components"]
+    assert math.isclose(right["confidence"], 0.7**1.3) and right["format"] == 1.0
+    assert math.isclose(results[0]["score"], 1 - 0.8 * (1 - 0.7**1.3) ** 2 + 0.4)  # I + 0.8·Brier + 0.4·F
+    assert results[2]["components"]["format"] == 0.5  # 0.5 is a float outside [1, 10]
+    assert results[3]["components"]["confidence"] == 0.5 and results[3]["components"]["parse_ok"] is False
