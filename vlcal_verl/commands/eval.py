@@ -441,8 +441,10 @@ def run(args: argparse.Namespace) -> int:
 
     from vlcal_verl.evaluation.generate import score_generations
     from vlcal_verl.evaluation.report import write_report
+    from vlcal_verl.evaluation.visual_judge import add_visual_judgments
 
-    records = score_generations(rows, protocol=args.protocol)
+    # easy-vqa items: visual_correct from the exact judge (after scoring: score_generations rebuilds the rows)
+    records = add_visual_judgments(score_generations(rows, protocol=args.protocol), args.protocol)
     args.out.mkdir(parents=True, exist_ok=True)
     _write_generations(args.out / "generations.jsonl", records)
     title = f"vlcal eval — {args.model or args.generations.name}"
