@@ -206,8 +206,10 @@ def add_visual_judgments(records: Iterable[dict[str, Any]], protocol: str = "dec
 
     out = []
     for r in records:
-        j = judge_item(r.get("uid"), None, bool(r.get("unanswerable")))
-        if j is not None and j.status != "blank_image":
-            j = judge_item(r["uid"], parse_response(r.get("response", ""), protocol).vision)
+        uid, blank = r.get("uid"), bool(r.get("unanswerable"))
+        vision = None
+        if not blank and uid is not None and uid_attributes(uid) is not None:  # parse only what is judged
+            vision = parse_response(r.get("response", ""), protocol).vision
+        j = judge_item(uid, vision, blank)
         out.append(r if j is None else {**r, "visual_correct": j.visual_correct, "visual_judgment": j.status})
     return out
