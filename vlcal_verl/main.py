@@ -233,6 +233,10 @@ def prepare(config: DictConfig) -> VLCalConfig:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     check_config_values(config)
+    from vlcal_verl.verl_ext.layout_check import layout_problem  # verl's mid-run batch/parallel asserts
+
+    if (problem := layout_problem(config)) is not None:
+        raise ConfigError(problem)
     if str(config.trainer.get("device", "cuda")) == "cpu":
         use_cpu_backend(config)  # before the first `import verl`: it decides the platform and Ray's address
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
