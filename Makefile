@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint format demo bench clean
+.PHONY: install test test-fast lint format demo science bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,14 @@ DEMO_OUT ?= runs/demo
 demo: install
 	rm -rf $(DEMO_OUT)
 	$(VENV)/bin/vlcal train --config recipes/tiny_cpu.yaml --out $(DEMO_OUT)
+
+SCIENCE_OUT ?= runs/science
+SCIENCE_ARGS ?=
+
+# the science run (README "Does it work?"): a fresh folder, or SCIENCE_ARGS=--resume to continue one;
+# SCIENCE_ARGS="--seeds 3" repeats the RL runs over three seeds
+science: install
+	$(VENV)/bin/vlcal train --config recipes/tiny_science.yaml --out $(SCIENCE_OUT) $(SCIENCE_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,6 +1,10 @@
 """``vlcal train``: the embedded demo — data, warm start, verl's GRPO run on the CPU backend, evaluation.
 
     vlcal train [--config recipes/tiny_cpu.yaml] [--out runs/demo] [--resume] [KEY=VALUE ...]
+    vlcal train --config recipes/tiny_science.yaml --out runs/science [--seeds N] [--resume] [KEY=VALUE ...]
+
+A recipe with a ``science:`` block runs the science pipeline (:mod:`vlcal_verl.science.pipeline`: one warm
+start, verl's GRPO for the full method and the baseline, ``--seeds`` runs each, one report).
 
 KEY=VALUE are Hydra overrides of the recipe, passed to verl's run as well (``trainer.total_training_steps=2
 trainer.default_local_dir=/tmp/ckpt``, ``demo.warm_start_steps=20``). The GRPO step alone is
@@ -22,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (demo.dir)")
     parser.add_argument(
         "--resume", action="store_true", help="continue verl's run from its latest checkpoint"
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="science recipes: RL runs per arm (science.seeds), mean ± std"
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.total_training_steps=2")
 
@@ -54,6 +61,15 @@ def check_config_file(path: Path) -> str | None:
     return None
 
 
+def has_science_block(path: Path) -> bool:
+    """Whether the recipe file has a top-level ``science:`` block (then ``vlcal train`` runs the science
+    pipeline instead of the demo)."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return isinstance(data, dict) and "science" in data
+
+
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -73,8 +89,19 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         print(f"vlcal train: overrides must be KEY=VALUE, got {bad}", file=sys.stderr)
         return 2
+    science = has_science_block(args.config)
+    seeds = getattr(args, "seeds", None)
+    if seeds is not None and (not science or seeds < 1):
+        why = "must be >= 1" if science else f"needs a recipe with a science: block, {args.config} has none"
+        print(f"vlcal train: --seeds {seeds}: {why}", file=sys.stderr)
+        return 2
     try:
-        result = run_demo(args.config, args.out, list(args.overrides), resume=args.resume)
+        if science:
+            from vlcal_verl.science.pipeline import run_science
+
+            result = run_science(args.config, args.out, list(args.overrides), seeds=seeds, resume=args.resume)
+        else:
+            result = run_demo(args.config, args.out, list(args.overrides), resume=args.resume)
     except (ValueError, HydraException, OmegaConfBaseException) as err:  # bad recipe, key or value
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         print(f"vlcal train: {' '.join(lines[:2])}", file=sys.stderr)

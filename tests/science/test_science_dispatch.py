@@ -1,0 +1,71 @@
+"""``vlcal train``: recipes with a ``science:`` block go to the science pipeline; ``--seeds`` checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import vlcal_verl.demo.pipeline as demo_pipeline
+import vlcal_verl.science.pipeline as science_pipeline
+from vlcal_verl.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+SCIENCE = ROOT / "recipes" / "tiny_science.yaml"
+DEMO = ROOT / "recipes" / "tiny_cpu.yaml"
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Record which pipeline ``vlcal train`` calls, without running it."""
+    seen = []
+
+    def fake(name):
+        def run(recipe, out, overrides, **kw):
+            seen.append((name, Path(recipe), Path(out), list(overrides), kw))
+            return {"timings": {"total_s": 1.0}}
+
+        return run
+
+    monkeypatch.setattr(science_pipeline, "run_science", fake("science"))
+    monkeypatch.setattr(demo_pipeline, "run_demo", fake("demo"))
+    return seen
+
+
+def test_science_recipe_goes_to_the_science_pipeline_with_seeds(calls, tmp_path):
+    out = tmp_path / "s"
+    assert main(["train", "--config", str(SCIENCE), "--out", str(out), "--seeds", "3", "a.b=1"]) == 0
+    assert calls == [("science", SCIENCE, out, ["a.b=1"], {"seeds": 3, "resume": False})]
+
+
+def test_demo_recipe_still_goes_to_the_demo(calls, tmp_path):
+    assert main(["train", "--config", str(DEMO), "--out", str(tmp_path / "d")]) == 0
+    assert [c[0] for c in calls] == ["demo"]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "seeds", "message"),
+    [
+        (DEMO, "3", "--seeds 3: needs a recipe with a science: block"),
+        (SCIENCE, "0", "--seeds 0: must be >= 1"),
+    ],
+)
+def test_bad_seeds_are_one_line_and_exit_2(calls, capsys, tmp_path, recipe, seeds, message):
+    assert main(["train", "--config", str(recipe), "--out", str(tmp_path / "o"), "--seeds", seeds]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert calls == []
+
+
+def test_bad_science_value_fails_before_any_work(capsys, tmp_path):
+    out = tmp_path / "never"
+    rc = main(["train", "--config", str(SCIENCE), "--out", str(out), "science.svis_last_steps=0"])
+    assert rc == 2
+    assert "science.svis_last_steps must be >= 1, got 0" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_second_fresh_run_into_the_same_folder_is_refused(capsys, tmp_path):
+    (tmp_path / "run.json").write_text("{}")
+    assert main(["train", "--config", str(SCIENCE), "--out", str(tmp_path)]) == 2
+    assert "already holds a science run" in capsys.readouterr().err

@@ -1,0 +1,164 @@
+"""``vlcal train --config recipes/tiny_science.yaml``: one warm start, verl's GRPO per arm and seed, eval.
+
+The phases and where they write (everything under ``--out``):
+
+    data/, warm_start/           the demo's data and warm start (:mod:`vlcal_verl.demo`), made once
+    eval/warm_start/             ``vlcal eval`` of the warm start on the held-out items (+ image removed)
+    rl/<arm>-seed<S>/            one verl run: verl/ (checkpoints), metrics/ (verl's file logger), logs/,
+                                 rollouts/ (verl's generation dump + S̃_vis rows, :mod:`.rollouts`)
+    eval/<arm>-seed<S>/          ``vlcal eval`` of that run's last checkpoint
+    report.md, report.html, science.json, curves_*.png    (:mod:`.report`)
+
+Each RL run is ``python -m vlcal_verl.main --recipe RECIPE ...`` in a child process (the demo's
+``grpo_command`` / ``run_grpo``), from the same ``warm_start/`` and the same data order for both arms of a
+seed. ``run.json`` records the recipe and overrides: a second call with the same ones and ``--resume``
+skips what is done (a finished run, an existing evaluation) and lets verl resume an unfinished run from
+its checkpoint; anything else is refused before work starts.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from vlcal_verl.demo.pipeline import (
+    demo_config_of,
+    evaluate,
+    grpo_command,
+    latest_hf_checkpoint,
+    prepare_assets,
+    run_grpo,
+)
+from vlcal_verl.science.config import ScienceConfig
+
+FULL = "full"
+BASELINE = "baseline"
+MANIFEST = "run.json"
+DROP_SCIENCE = "~science"
+"""verl's entry point knows the demo's block but not this one (its top-level key check): the child run
+gets the recipe without it."""
+
+
+def science_config_of(config: DictConfig) -> ScienceConfig:
+    block = config.get("science")
+    if block is None:
+        raise ValueError("the recipe has no `science:` block (see recipes/tiny_science.yaml)")
+    return ScienceConfig.from_dict(OmegaConf.to_container(block, resolve=True))
+
+
+def arms(sc: ScienceConfig) -> dict[str, list[str]]:
+    """Arm name → its extra overrides: the full method is the recipe as is (the default variant)."""
+    return {FULL: [], BASELINE: [f"ablation={sc.baseline}"]}
+
+
+def run_seeds(base_seed: int, sc: ScienceConfig) -> list[int]:
+    return [base_seed + i for i in range(sc.seeds)]
+
+
+def arm_overrides(arm: str, seed: int, run_dir: Path, sc: ScienceConfig) -> list[str]:
+    """What one RL run adds to the recipe's overrides: its ablation, its folders, its seed (data order,
+    rollout sampling, VCE masks — shared by both arms of a seed)."""
+    return [
+        DROP_SCIENCE,
+        *arms(sc)[arm],
+        f"trainer.default_local_dir={run_dir / 'verl'}",
+        f"trainer.rollout_data_dir={run_dir / 'rollouts'}",
+        f"trainer.experiment_name=science-{arm}-seed{seed}",
+        f"data.seed={seed}",
+        f"actor_rollout_ref.rollout.seed={seed}",
+        f"vlcal.vce.seed={seed}",
+    ]
+
+
+def check_run_dir(out: Path, manifest: dict[str, Any], resume: bool) -> None:
+    """Refuse to mix runs: a fresh run needs a folder without one; ``--resume`` needs the same recipe,
+    overrides and seeds as the run it continues."""
+    path = out / MANIFEST
+    if not path.exists():
+        if resume:
+            raise ValueError(f"--resume: nothing to resume, no {MANIFEST} in {out}; drop --resume")
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"{out} is not empty and holds no science run: give a new --out")
+        return
+    if not resume:
+        raise ValueError(f"{out} already holds a science run ({MANIFEST}): pass --resume or a new --out")
+    old = json.loads(path.read_text(encoding="utf-8"))
+    if old != manifest:
+        diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+        raise ValueError(
+            f"--resume: {out} was started with other settings ({', '.join(diff)}); give a new --out"
+        )
+
+
+def _phase(name: str, timings: dict[str, float], fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` as one phase, with a progress line before and after (seconds)."""
+    print(f"[science] {name} ...", flush=True)
+    t = time.perf_counter()
+    result = fn(*args)
+    timings[name] = time.perf_counter() - t
+    print(f"[science] {name}: done in {timings[name]:.0f} s", flush=True)
+    return result
+
+
+def run_finished(run_dir: Path, total_steps: int) -> bool:
+    marker = run_dir / "verl" / "latest_checkpointed_iteration.txt"
+    return marker.exists() and int(marker.read_text().strip()) >= total_steps
+
+
+def rl_run(recipe: Path, overrides: list[str], run_dir: Path, total_steps: int) -> Path:
+    """verl's GRPO for one arm and seed (skipped when already finished); its last HF checkpoint."""
+    if not run_finished(run_dir, total_steps):
+        run_grpo(grpo_command(recipe, overrides, run_dir), run_dir)
+    trained = latest_hf_checkpoint(run_dir / "verl")
+    if trained is None:
+        raise RuntimeError(f"no HF checkpoint under {run_dir / 'verl'} (save_contents needs hf_model)")
+    return trained
+
+
+def evaluate_once(dc, config: DictConfig, model: Path, out: Path, *, data_dir: Path, timings: dict) -> None:
+    """``vlcal eval`` of one model into ``out`` unless a complete report is already there."""
+    if (out / "metrics.json").exists() and (out / "generations.jsonl").exists():
+        print(f"[science] reusing the evaluation in {out}", flush=True)
+        return
+    evaluate(dc, config, model, data_dir, out, timings, f"eval:{out.name}")
+
+
+def run_science(
+    recipe: Path, out: Path, overrides: list[str], seeds: int | None = None, resume: bool = False
+) -> dict[str, Any]:
+    """The whole science run; returns the report's content (:func:`vlcal_verl.science.report.build`)."""
+    from vlcal_verl.main import compose_recipe
+    from vlcal_verl.science.report import write_report
+
+    t0 = time.perf_counter()
+    out, recipe = out.resolve(), Path(recipe).resolve()
+    overrides = [f"demo.dir={out}", *overrides, *([f"science.seeds={seeds}"] if seeds is not None else [])]
+    config = compose_recipe(recipe, overrides)  # a bad key or value fails here, before any work
+    dc, sc = demo_config_of(config), science_config_of(config)
+    if not dc.eval_size:
+        raise ValueError("demo.eval_size must be > 0 in a science run (it evaluates held-out items)")
+    total = int(config.trainer.total_training_steps)
+    manifest = {"recipe": str(recipe), "overrides": overrides}
+    check_run_dir(out, manifest, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    timings: dict[str, float] = {}
+    warm, data_dir = _phase("data and warm start", timings, prepare_assets, dc, out, {})
+    seeds_run = run_seeds(dc.seed, sc)
+    evaluate_phase = functools.partial(evaluate_once, dc, config, data_dir=data_dir, timings={})
+    _phase("eval warm start", timings, evaluate_phase, warm, out / "eval" / "warm_start")
+    for seed in seeds_run:
+        for arm in arms(sc):
+            name = f"{arm}-seed{seed}"
+            run_dir = out / "rl" / name
+            run_overrides = [*overrides, *arm_overrides(arm, seed, run_dir, sc)]
+            trained = _phase(f"RL {name}", timings, rl_run, recipe, run_overrides, run_dir, total)
+            _phase(f"eval {name}", timings, evaluate_phase, trained, out / "eval" / name)
+    timings["total_s"] = time.perf_counter() - t0  # before the report, which prints them
+    return _phase("report", timings, write_report, out, sc, seeds_run, timings)
