@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from vlcal_verl.testing.tiny_models import FAMILIES
+from vlcal_verl.testing.tiny_models import FAMILIES, check_family_tokenizer
 
 
 @dataclass
@@ -22,6 +22,11 @@ class DemoConfig:
     """Output folder; the recipe derives verl's paths from it (data, warm-started model, checkpoints)."""
     model_family: str = "qwen3-vl"
     """Tiny random model built on the spot by ``vlcal_verl.testing.tiny_models`` ('qwen3-vl' | 'qwen2.5-vl' | 'internvl')."""
+    tokenizer: str = "qwen"
+    """'qwen' (the real Qwen tokenizer, 151,936 embeddings) or 'small' (a ~660-token byte-level BPE trained
+    on the run's own text, ``vlcal_verl.testing.small_tokenizer``: the same special tokens and chat template,
+    logits ~230× smaller, the fast setting for long CPU runs; Qwen-VL families only). Recipes without the
+    key set it with ``+demo.tokenizer=small``."""
     seed: int = 0
     """Seeds the model init, the data sample and the warm start's batches."""
     train_size: int = 512
@@ -54,6 +59,10 @@ class DemoConfig:
             raise ValueError(f"demo.eval_temperature must be >= 0, got {self.eval_temperature}")
         if self.model_family not in FAMILIES:
             raise ValueError(f"demo.model_family must be one of {list(FAMILIES)}, got {self.model_family!r}")
+        try:
+            check_family_tokenizer(self.model_family, self.tokenizer)
+        except ValueError as err:
+            raise ValueError(f"demo.tokenizer: {err}") from None
         return self
 
     @classmethod

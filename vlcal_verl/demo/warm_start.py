@@ -101,7 +101,9 @@ def warm_started_model(cfg: Any, items: list[Any], out_dir: Path) -> Path:
         print(f"warm start: reusing {out_dir}", flush=True)
         return out_dir
     torch.manual_seed(cfg.seed)
-    model, processor = load_tiny_vlm(cfg.model_family, seed=cfg.seed)
+    model, processor = load_tiny_vlm(
+        cfg.model_family, seed=cfg.seed, tokenizer=getattr(cfg, "tokenizer", "qwen")
+    )
     losses = warm_start(
         model,
         processor,

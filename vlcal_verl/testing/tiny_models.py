@@ -6,6 +6,10 @@ these models use the real classes with hand-written tiny configs and the real Qw
 (:func:`vlcal_verl.testing.tokenizer.qwen_tokenizer`). They are saved once to a cache folder and
 reloaded with ``AutoProcessor`` / ``AutoModelForImageTextToText`` like any checkpoint.
 
+``tokenizer="small"`` (Qwen-VL families only) swaps in :func:`vlcal_verl.testing.small_tokenizer.small_tokenizer`,
+a ~660-token byte-level BPE trained on the demo's text: the model's vocabulary and its special-token ids
+follow that tokenizer, so the logits shrink ~230× (what a CPU GRPO step mostly computes).
+
 Families: ``qwen3-vl`` (default; patch 16, merge 2 → 32 px cells), ``qwen2.5-vl`` (patch 14, merge 2 →
 28 px cells) and ``internvl`` (transformers' InternVL classes with a Qwen2 language model).
 """
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 FAMILIES = ("qwen3-vl", "qwen2.5-vl", "internvl")
+TOKENIZERS = ("qwen", "small")
 TEXT_VOCAB = 151936  # Qwen models pad the 151,669-token vocabulary to 151,936 embeddings
 IMAGE_TOKEN_ID = 151655
 VIDEO_TOKEN_ID = 151656
@@ -36,9 +41,14 @@ def cache_root() -> Path:
 
 
 def vision_special_token_ids(processor: Any = None) -> list[int]:
-    """Ids a random model must never generate: image/video pads and vision start/end/pad markers."""
-    ids = {IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VISION_START_ID, VISION_END_ID, VISION_PAD_ID}
+    """Ids a random model must never generate: image/video pads and vision start/end/pad markers
+    (the Qwen ids without a processor; its tokenizer's ids with one, whichever tokenizer it is)."""
     tok = getattr(processor, "tokenizer", None)
+    ids = {IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VISION_START_ID, VISION_END_ID, VISION_PAD_ID}
+    if tok is not None:
+        names = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+        found = {tok.convert_tokens_to_ids(n) for n in names}
+        ids = {i for i in found if isinstance(i, int) and i >= 0 and i != tok.unk_token_id}
     for name in ("image_token_id", "start_image_token_id", "end_image_token_id", "video_token_id"):
         for obj in (processor, tok):
             v = getattr(obj, name, None)
@@ -59,7 +69,7 @@ def generation_kwargs(processor: Any = None) -> dict[str, Any]:
     return {"bad_words_ids": [[i] for i in vision_special_token_ids(processor)], "pad_token_id": pad}
 
 
-def _qwen3_vl_config(text: dict[str, Any]):
+def _qwen3_vl_config(text: dict[str, Any], ids: dict[str, int]):
     from transformers import Qwen3VLConfig
 
     vision = dict(
@@ -87,15 +97,12 @@ def _qwen3_vl_config(text: dict[str, Any]):
     return Qwen3VLConfig(
         text_config=text,
         vision_config=vision,
-        image_token_id=IMAGE_TOKEN_ID,
-        video_token_id=VIDEO_TOKEN_ID,
-        vision_start_token_id=VISION_START_ID,
-        vision_end_token_id=VISION_END_ID,
+        **{k: ids[k] for k in _VISION_ID_KEYS},
         tie_word_embeddings=False,
     )
 
 
-def _qwen2_5_vl_config(text: dict[str, Any]):
+def _qwen2_5_vl_config(text: dict[str, Any], ids: dict[str, int]):
     from transformers import Qwen2_5_VLConfig
 
     vision = dict(
@@ -114,36 +121,44 @@ def _qwen2_5_vl_config(text: dict[str, Any]):
     return Qwen2_5_VLConfig(
         text_config=text,
         vision_config=vision,
-        image_token_id=IMAGE_TOKEN_ID,
-        video_token_id=VIDEO_TOKEN_ID,
-        vision_start_token_id=VISION_START_ID,
-        vision_end_token_id=VISION_END_ID,
+        **{k: ids[k] for k in _VISION_ID_KEYS},
         tie_word_embeddings=False,
     )
 
 
-def _text_config() -> dict[str, Any]:
+_VISION_ID_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+QWEN_IDS = {
+    "image_token_id": IMAGE_TOKEN_ID,
+    "video_token_id": VIDEO_TOKEN_ID,
+    "vision_start_token_id": VISION_START_ID,
+    "vision_end_token_id": VISION_END_ID,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "pad_token_id": 151643,
+}
+
+
+def _text_config(vocab_size: int = TEXT_VOCAB, ids: dict[str, int] = QWEN_IDS) -> dict[str, Any]:
     # head_dim = 64 / 4 = 16 → M-RoPE sections sum to 8
     return dict(
-        vocab_size=TEXT_VOCAB,
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=4096,
-        bos_token_id=151643,
-        eos_token_id=151645,
-        pad_token_id=151643,
+        bos_token_id=ids["bos_token_id"],
+        eos_token_id=ids["eos_token_id"],
+        pad_token_id=ids["pad_token_id"],
     )
 
 
-def _qwen_processor(family: str):
+def _qwen_processor(family: str, tok: Any):
     from transformers import Qwen2VLImageProcessor
 
-    from vlcal_verl.testing.tokenizer import CHAT_TEMPLATE, qwen_tokenizer
+    from vlcal_verl.testing.tokenizer import CHAT_TEMPLATE
 
-    tok = qwen_tokenizer()
     patch = 16 if family == "qwen3-vl" else 14
     mean_std = ([0.5] * 3, [0.5] * 3) if family == "qwen3-vl" else (None, None)
     ip_kwargs: dict[str, Any] = dict(
@@ -167,21 +182,49 @@ def _qwen_processor(family: str):
     )
 
 
+def check_family_tokenizer(family: str, tokenizer: str) -> None:
+    """ValueError naming the problem for an unknown family or tokenizer, or InternVL with ``small``
+    (its processor adds InternVL's image tokens to the Qwen tokenizer)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
+    if tokenizer == "small" and family == "internvl":
+        raise ValueError("tokenizer 'small' is for the Qwen-VL families; internvl uses the Qwen tokenizer")
+
+
+def _qwen_family_config(family: str, tokenizer: str):
+    """(model config, processor) of a Qwen-VL family with the Qwen or the small tokenizer."""
+    if tokenizer == "small":
+        from vlcal_verl.testing.small_tokenizer import small_tokenizer, special_token_ids
+
+        tok = small_tokenizer()
+        ids, vocab = special_token_ids(tok), len(tok)
+    else:
+        from vlcal_verl.testing.tokenizer import qwen_tokenizer
+
+        tok, ids, vocab = qwen_tokenizer(), QWEN_IDS, TEXT_VOCAB
+    make = _qwen3_vl_config if family == "qwen3-vl" else _qwen2_5_vl_config
+    return make(_text_config(vocab, ids), ids), _qwen_processor(family, tok)
+
+
 def build_tiny_vlm(
     family: str = "qwen3-vl",
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
     overwrite: bool = False,
+    tokenizer: str = "qwen",
 ) -> Path:
     """Build (or reuse) a tiny random VLM and its processor; return the saved folder.
 
-    The folder is ``<cache_dir or cache_root()>/<family>-<TINY_VERSION>-seed<seed>`` and reloads with
-    ``AutoProcessor.from_pretrained`` / ``AutoModelForImageTextToText.from_pretrained``.
+    The folder is ``<cache_dir or cache_root()>/<family>-<TINY_VERSION>[-small]-seed<seed>`` (``-small``
+    with ``tokenizer="small"``) and reloads with ``AutoProcessor.from_pretrained`` /
+    ``AutoModelForImageTextToText.from_pretrained``.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    check_family_tokenizer(family, tokenizer)
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    out = root / f"{family}-{TINY_VERSION}-seed{seed}"
+    tag = "-small" if tokenizer == "small" else ""
+    out = root / f"{family}-{TINY_VERSION}{tag}-seed{seed}"
     if (out / "config.json").exists() and (out / "processor_config.json").exists() and not overwrite:
         return out
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -193,8 +236,7 @@ def build_tiny_vlm(
 
         config, processor = internvl_config_and_processor(_text_config())
     else:
-        make = _qwen3_vl_config if family == "qwen3-vl" else _qwen2_5_vl_config
-        config, processor = make(_text_config()), _qwen_processor(family)
+        config, processor = _qwen_family_config(family, tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
@@ -209,7 +251,11 @@ def build_tiny_vlm(
 
 
 def load_tiny_vlm(
-    family: str = "qwen3-vl", seed: int = 0, cache_dir: str | os.PathLike | None = None, dtype: Any = None
+    family: str = "qwen3-vl",
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    dtype: Any = None,
+    tokenizer: str = "qwen",
 ):
     """Return ``(model, processor)`` for a tiny random VLM (built on first use, then cached on disk).
 
@@ -221,7 +267,7 @@ def load_tiny_vlm(
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    path = build_tiny_vlm(family, cache_dir=cache_dir, seed=seed)
+    path = build_tiny_vlm(family, cache_dir=cache_dir, seed=seed, tokenizer=tokenizer)
     processor = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32)
     model.eval()
