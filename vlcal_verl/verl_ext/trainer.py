@@ -245,7 +245,7 @@ class VLCalTrainer(PPOTrainerSync):
         kl, ent = vce_token_signals(self.vlcal.vce, **signals)
         span_mask = span_mask_from_tensor(spans, response_mask)
         c_v = [i.get("vision_confidence") for i in _reward_infos(data["extra_fields"])]
-        new_scores, _, vce_metrics = visual_reward_step(
+        new_scores, s_tilde, vce_metrics = visual_reward_step(
             _padded(data["rm_scores"]).float(),
             response_mask,
             c_v,
@@ -258,6 +258,12 @@ class VLCalTrainer(PPOTrainerSync):
             response_lengths=_row_lengths(response_mask_nt),
         )
         new_fields = {"rm_scores": response_to_nested(new_scores, response_mask_nt)}
+        if self.config.trainer.get("rollout_data_dir"):  # S̃_vis per rollout beside verl's generation dump
+            from vlcal_verl.science.rollouts import write_step_rows
+
+            write_step_rows(
+                self.config.trainer.rollout_data_dir, self.global_steps, batch, s_tilde, c_v, self.tokenizer
+            )
         if self.vlcal.perception.enabled:
             keep = perception_mask(
                 k3_clamped(signals["old_logp"], signals["masked_logp"]),
