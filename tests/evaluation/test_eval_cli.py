@@ -65,6 +65,77 @@ def test_eval_generations_bad_row_names_field(tmp_path, capsys):
     assert "'ground_truth'" in capsys.readouterr().err
 
 
+def _bench_rows(benchmark, uids):
+    return [{"benchmark": benchmark, "uid": u, "response": GOOD, "ground_truth": "yes"} for u in uids]
+
+
+def _write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_finished_report_is_refused_unless_overwrite(tmp_path, capsys):
+    """--out holding a report: one line, exit 2, nothing touched; --overwrite replaces the report and
+    drops the earlier run's per-benchmark figures, keeping files that are not the report's."""
+    out = tmp_path / "rep"
+    first = _write_rows(tmp_path / "a.jsonl", _bench_rows("x1", "12") + _bench_rows("x2", "34"))
+    assert main(["eval", "--generations", str(first), "--out", str(out), "--n-boot", "0"]) == 0
+    assert (out / "reliability_x1.png").is_file()
+    (out / "visual_judgments.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    second = _write_rows(tmp_path / "b.jsonl", _bench_rows("y1", "56") + _bench_rows("y2", "78"))
+    argv = ["eval", "--generations", str(second), "--out", str(out), "--n-boot", "0"]
+    assert main(argv) == 2
+    err = _one_line_error(capsys, "already holds a report", "metrics.json", "--overwrite")
+    assert str(out) in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main(["eval", "--generations", str(second), "--out", str(other)]) == 2
+    _one_line_error(capsys, "is not empty", "--overwrite")
+    assert main([*argv, "--overwrite"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"reliability_y1.png", "reliability_y2.png", "visual_judgments.json"} <= names
+    assert not {"reliability_x1.png", "reliability_x2.png"} & names
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert {r["benchmark"] for r in rows} == {"y1", "y2"}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["eval", "--generations", str(second), "--out", str(empty), "--n-boot", "0"]) == 0
+
+
+def test_generations_encoding_numbers_and_duplicates(tmp_path, capsys):
+    """Latin-1 is one line naming the line; a byte-order mark is read; a numeric ground truth is taken as
+    `vlcal score` takes it; repeated uids are counted with a warning naming how many."""
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(
+        json.dumps(_bench_rows("b", "1")[0]).encode() + b'\n{"response": "caf\xe9", "ground_truth": "1"}\n'
+    )
+    assert main(["eval", "--generations", str(latin1), "--out", str(tmp_path / "o1")]) == 2
+    _one_line_error(capsys, "line 2: not UTF-8 (byte 0xe9")
+    assert not (tmp_path / "o1").exists()
+    numeric = [
+        {"uid": "n1", "response": GOOD.replace("{yes}", "{12}"), "ground_truth": 12},
+        {"uid": "n2", "response": GOOD.replace("{yes}", "{0.5}"), "ground_truth": 0.25},
+        {"uid": "n1", "response": GOOD.replace("{yes}", "{12}"), "ground_truth": 12},
+    ]
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + _write_rows(tmp_path / "n.jsonl", numeric).read_bytes())
+    out = tmp_path / "o2"
+    assert main(["eval", "--generations", str(path), "--out", str(out), "--n-boot", "0"]) == 0
+    assert "vlcal eval: warning: 1 line(s)" in capsys.readouterr().err
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [(r["ground_truth"], r["correct"]) for r in rows] == [("12", True), ("0.25", False), ("12", True)]
+    for bad in (True, None, [1]):
+        _write_rows(tmp_path / "bad.jsonl", [{"response": GOOD, "ground_truth": bad}])
+        assert (
+            main(["eval", "--generations", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o3")]) == 2
+        )
+        _one_line_error(capsys, "'ground_truth' missing or not a string or number")
+
+
 def test_eval_unknown_bench_says_how_to_prepare(tmp_path, capsys):
     rc = main(
         [
@@ -179,6 +250,13 @@ def test_verl_checkpoint_as_model_points_to_export(tmp_path, capsys, no_model):
         (["--data-dir", "MISSING", "--bench", "x"], "--data-dir"),
         (["--backend", "vllm", "--vce"], "--vce needs --backend hf"),
         (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["--temperature", "-0.5"], "--temperature must be a finite number >= 0"),
+        (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+        (["--top-k", "-1"], "--top-k must be >= 0"),
+        (["--bench", "mathvistaa"], "unknown benchmark 'mathvistaa' (did you mean 'mathvista'?)"),
+        (["--bench", "easy-vqa,nosuchbench-unanswerable"], "unknown benchmark 'nosuchbench-unanswerable'"),
     ],
 )
 def test_bad_inputs_are_reported_before_generating(tmp_path, capsys, no_model, extra, needle):

@@ -31,12 +31,13 @@ def checkpoint(tmp_path_factory):
     return root, model.state_dict()
 
 
-def test_export_weights_processor_and_eval(checkpoint, tmp_path):
+def test_export_weights_processor_and_eval(checkpoint, tmp_path, capsys):
     from safetensors.torch import load_file
 
     root, reference = checkpoint
     out = tmp_path / "hf"
     assert main(["export", str(root), str(out)]) == 0  # the run folder: its latest step
+    assert "no preprocessor_config.json" not in capsys.readouterr().out  # the processor is written
     saved = {}
     for f in out.glob("*.safetensors"):
         saved.update(load_file(f))
@@ -69,6 +70,7 @@ def test_mistakes_are_one_line_and_write_nothing(checkpoint, tmp_path, capsys):
     cases = [
         ([str(tmp_path / "none"), str(tmp_path / "o1")], "no such folder"),
         ([str(tmp_path), str(tmp_path / "o2")], "not a verl FSDP checkpoint"),
+        ([str(root / "latest_checkpointed_iteration.txt"), str(tmp_path / "o3")], "is a file; give the"),
     ]
     full = tmp_path / "full"
     full.mkdir()
@@ -79,4 +81,4 @@ def test_mistakes_are_one_line_and_write_nothing(checkpoint, tmp_path, capsys):
         assert main(["export", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("vlcal export: ") and needle in err and "\n" not in err, err
-    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))

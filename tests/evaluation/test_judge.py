@@ -238,6 +238,26 @@ def test_other_mistakes(tmp_path, gens, capsys):
     )
 
 
+def test_out_that_is_not_a_judgments_file_is_refused_untouched(tmp_path, gens, capsys):
+    """A report's metrics.json (any JSON object) as --out: refused in one line and left as it was —
+    not counted as judgments and rewritten. A judgments file (with a byte-order mark) is resumed."""
+    url = "http://127.0.0.1:9/v1"  # never reached: the mistake is reported first
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"overall": {"n": 3, "ece": 0.1}, "per_benchmark": {}}))
+    before = metrics.read_bytes()
+    for content in (before, b'{"u1": 1, "u2": 0.5}', b'{"u1": true}'):
+        metrics.write_bytes(content)
+        assert _judge(gens, url, "--out", str(metrics)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("vlcal judge: ") and "not a judgments file" in err and "\n" not in err, err
+        assert metrics.read_bytes() == content
+    uids = [json.loads(line)["uid"] for line in gens.read_text().splitlines()]
+    done = tmp_path / "done.json"
+    done.write_bytes(b"\xef\xbb\xbf" + json.dumps(dict.fromkeys(uids, 1)).encode())
+    assert _judge(gens, url, "--out", str(done)) == 0
+    assert f"holds {len(set(uids))} judgments" in capsys.readouterr().out
+
+
 def test_parse_verdict():
     assert [parse_verdict(s) for s in ("yes", "Yes, faithful.", "no.", "`No`", "Faithful", "", 3)] == [
         1, 1, 0, 0, None, None, None,

@@ -109,16 +109,49 @@ GOOD_LINES = [{"confidence": 0.9, "correct": True}, {"confidence": 0.2, "correct
         ("r.txt", "extension .txt is not an image format matplotlib writes; use one of"),
         ("r", "no extension is not an image format"),
         ("sub", "is a folder; give a file path"),
+        ("one.png/sub.png", "one.png is a file, not a folder"),
+        ("one.png/deeper/sub.png", "one.png is a file, not a folder"),
     ],
 )
 def test_unwritable_plot_is_refused_before_any_work(tmp_path, capsys, name, message):
     (tmp_path / "sub").mkdir()
+    (tmp_path / "one.png").write_bytes(b"an earlier plot")
     path = _write(tmp_path / "in.jsonl", GOOD_LINES)
     assert main(["metrics", str(path), "--plot", str(tmp_path / name)]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
     assert message in captured.err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "sub"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "one.png", "sub"]
+
+
+def test_latin1_input_is_one_line_naming_the_line_and_a_bom_is_read(tmp_path, capsys):
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(
+        b'{"confidence": 0.9, "correct": true}\n{"confidence": 0.2, "correct": false, "q": "caf\xe9"}\n'
+    )
+    assert main(["metrics", str(latin1)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "line 2: not UTF-8 (byte 0xe9" in err and "iconv" in err, err
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + _write(tmp_path / "plain.jsonl", GOOD_LINES).read_bytes())
+    assert _run_json(capsys, bom)["n"] == 2
+
+
+def test_duplicate_uids_are_counted_and_warned_about(tmp_path, capsys):
+    """A file concatenated twice doubles every item: the metrics count each line (GRPO rollouts share a
+    prompt uid legitimately) and stderr says how many lines repeat a (benchmark, uid)."""
+    rows = [
+        {"uid": "a", "benchmark": "b", "confidence": 0.9, "correct": True},
+        {"uid": "b", "benchmark": "b", "confidence": 0.2, "correct": False},
+        {"uid": "a", "benchmark": "other", "confidence": 0.9, "correct": True},  # another benchmark's a
+    ]
+    path = _write(tmp_path / "twice.jsonl", rows + rows[:2])
+    assert main(["metrics", str(path), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["n"] == 5
+    assert "warning: 2 line(s)" in captured.err and "'a'" in captured.err
+    assert main(["metrics", str(_write(tmp_path / "once.jsonl", rows)), "--json"]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_plot_format_follows_the_extension(tmp_path, capsys):

@@ -202,3 +202,58 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+RLCR = "<think>x</think>\\boxed{{{ans}}}<analysis>y</analysis><confidence>{c}</confidence>"
+
+
+def test_authors_rlcr_reward_is_scored_as_training_scores_it(tmp_path):
+    """--protocol rlcr --reference-parity: the authors' RLCR rule that training's ablation=rlcr uses in
+    parity mode (its w_brier is 0.8), through the same function (compute_score → score_response)."""
+    from vlcal_verl.rewards import compute_score
+
+    rows = [
+        {"response": RLCR.format(ans="2", c="7"), "ground_truth": "2", "data_source": "t"},
+        {"response": RLCR.format(ans="3", c="10"), "ground_truth": "2", "data_source": "t"},
+        {"response": "\\boxed{2}", "ground_truth": 2, "data_source": "t"},  # no confidence: c = 0.5
+    ]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, rows)
+    argv = ["score", str(src), "-o", str(dst), "--protocol", "rlcr", "--reference-parity", "--w-brier", "0.8"]
+    assert main(argv) == 0
+    out = read_jsonl(dst)
+    c = 0.7**1.3  # their (c/10)^1.3
+    assert out[0]["confidence"] == pytest.approx(c) and out[0]["format"] == 1.0
+    assert out[0]["score"] == pytest.approx(1 - 0.8 * (1 - c) ** 2 + 0.4)
+    assert out[1]["score"] == pytest.approx(0 - 0.8 * 1.0 + 0.4)  # c = 1, wrong
+    assert out[2]["confidence"] == 0.5 and out[2]["parse_ok"] is False and out[2]["format"] == 0.0
+    assert out[2]["score"] == pytest.approx(1 - 0.8 * 0.25)
+    kwargs = {"protocol": "rlcr", "reference_parity": True, "w_brier": 0.8}
+    for row, res in zip(rows, out, strict=True):
+        want = compute_score(row["data_source"], row["response"], str(row["ground_truth"]), **kwargs)
+        assert {k: res[k] for k in REWARD_COMPONENT_KEYS} == pytest.approx(want)
+    assert main(["score", str(src), "-o", str(dst), "--protocol", "rlcr", "--w-brier", "0.8"]) == 0
+    assert read_jsonl(dst)[0]["confidence"] == pytest.approx(0.7)  # ours: linear, not their power
+
+
+def test_latin1_input_is_one_line_and_a_bom_is_read(tmp_path, capsys):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    good = json.dumps({"response": GOOD.format(ans="4", v=10, r=10), "ground_truth": "4"}).encode()
+    src.write_bytes(good + b"\n" + b'{"response": "caf\xe9", "ground_truth": "4"}\n')
+    assert main(["score", str(src), "-o", str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "line 2: not UTF-8 (byte 0xe9" in err and "Traceback" not in err
+    assert not dst.exists()
+    src.write_bytes(b"\xef\xbb\xbf" + good + b"\n")
+    assert main(["score", str(src), "-o", str(dst)]) == 0
+    assert read_jsonl(dst)[0]["score"] == pytest.approx(1.4)
+
+
+def test_duplicate_uids_are_scored_and_warned_about(tmp_path, capsys):
+    row = {"response": GOOD.format(ans="4", v=10, r=10), "ground_truth": "4", "uid": "u7"}
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, [row, {**row, "uid": "u8"}, row, row])
+    assert main(["score", str(src), "-o", str(dst)]) == 0
+    assert len(read_jsonl(dst)) == 4
+    err = capsys.readouterr().err
+    assert "vlcal score: warning: 2 line(s)" in err and "'u7'" in err

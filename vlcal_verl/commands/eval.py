@@ -73,6 +73,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--limit", type=int, default=None, help="items per benchmark")
     p.add_argument("--out", type=Path, help="report folder (required except with --compare/--aggregate)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the report already in --out (without it a non-empty --out is refused)",
+    )
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf")
     p.add_argument(
         "--recipe",
@@ -156,7 +161,10 @@ def _is_internvl(name: str) -> bool:
     return config.is_file() and json.loads(config.read_text()).get("model_type") == "internvl"
 
 
-def _check_out(out: Path | None, inputs: list[Path], required: bool = True) -> None:
+def _check_out(
+    out: Path | None, inputs: list[Path], required: bool = True, overwrite: bool | None = None
+) -> None:
+    """``overwrite`` None: no emptiness check (--compare/--aggregate); False: a non-empty folder is refused."""
     if out is None:
         if required:
             raise UsageError("--out is required: the report folder to write")
@@ -171,6 +179,24 @@ def _check_out(out: Path | None, inputs: list[Path], required: bool = True) -> N
     for p in inputs:
         if (out / "generations.jsonl").absolute().resolve() == p.absolute().resolve():
             raise UsageError(f"--out {out}: would overwrite the input {p}; choose another --out")
+    if overwrite is False and out.is_dir() and any(out.iterdir()):
+        held = [n for n in REPORT_FILES if (out / n).exists()]
+        what = f"already holds a report ({', '.join(held)})" if held else "is not empty"
+        raise UsageError(f"--out {out}: {what}; choose a new folder, or pass --overwrite to replace it")
+
+
+REPORT_FILES = ("metrics.json", "generations.jsonl", "report.md", "report.html")
+REPORT_PLOTS = ("reliability*.png", "risk_coverage.png")
+
+
+def clear_report(out: Path) -> None:
+    """Remove a previous report's files from ``out`` (``--overwrite``), so no earlier per-benchmark figure
+    is left beside the new ones; other files (e.g. ``vlcal judge``'s judgments) stay."""
+    for name in REPORT_FILES:
+        (out / name).unlink(missing_ok=True)
+    for pattern in REPORT_PLOTS:
+        for path in out.glob(pattern):
+            path.unlink()
 
 
 def _check_file(flag: str, path: Path) -> None:
@@ -181,7 +207,7 @@ def _check_file(flag: str, path: Path) -> None:
 def _read_judgments(path: Path) -> dict[str, float]:
     _check_file("--judgments", path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UsageError(f"--judgments {path}: not valid JSON ({err})") from None
     if not isinstance(data, dict) or not all(isinstance(v, int | float) for v in data.values()):
@@ -203,12 +229,30 @@ def _bench_names(args: argparse.Namespace) -> list[str]:
     if not names:
         raise UsageError("--bench: no benchmark named")
     missing = [b for b in names if b not in BENCHES and not (data_dir / f"{b}.parquet").exists()]
+    _check_known(missing, data_dir)
     if missing:
         raise UsageError(
             f"--bench: {missing} not offline ({sorted(BENCHES)}) and no {data_dir}/NAME.parquet; "
             "prepare with `vlcal data bench NAME --out DIR` and pass --data-dir DIR"
         )
     return names
+
+
+def _check_known(missing: list[str], data_dir: Path) -> None:
+    """A name neither prepared in ``data_dir`` nor a benchmark ``vlcal data bench`` knows: say so, list them."""
+    import difflib
+
+    from vlcal_verl.data.benchmarks import NAMES
+
+    for name in missing:
+        base = name.removesuffix("-unanswerable")
+        if base not in NAMES:
+            close = difflib.get_close_matches(base, NAMES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(
+                f"--bench: unknown benchmark {name!r}{hint}; available: {', '.join(NAMES)} "
+                f"(or any NAME.parquet prepared in {data_dir})"
+            )
 
 
 def _recipe(path: Path) -> Any:
@@ -269,7 +313,7 @@ def _validate(args: argparse.Namespace) -> dict[str, Any]:
         _check_file("--generations", args.generations)
         if args.vce:
             raise UsageError("--vce needs --model (it reruns the model on the generated tokens)")
-        _check_out(args.out, [args.generations])
+        _check_out(args.out, [args.generations], overwrite=args.overwrite)
         return plan
     _check_model(args.model)
     if args.vce and _is_internvl(args.model):
@@ -277,10 +321,11 @@ def _validate(args: argparse.Namespace) -> dict[str, Any]:
             "--vce: the evaluation's VCE pass reads Qwen-VL's patch rows; InternVL's VCE runs in training "
             "(verl's actor) — drop --vce for this model"
         )
-    _check_out(args.out, [])
+    _check_out(args.out, [], overwrite=args.overwrite)
     for flag, v in (("--max-new-tokens", args.max_new_tokens), ("--limit", args.limit)):
         if v is not None and v < 1:
             raise UsageError(f"{flag} must be >= 1, got {v}")
+    _check_sampling(args)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.backend == "vllm":
@@ -297,34 +342,66 @@ def _validate(args: argparse.Namespace) -> dict[str, Any]:
     return plan
 
 
+def _check_sampling(args: argparse.Namespace) -> None:
+    """The sampler's ranges, checked before the model loads (the samplers raise only mid-generation)."""
+    if not 0.0 < args.top_p <= 1.0:
+        raise UsageError(f"--top-p must be in (0, 1] (1 = no nucleus cut), got {args.top_p}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0.0):
+        raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+
+
 # ----------------------------------------------------------------------------- generation
 
 
 def read_jsonl_rows(
-    path: Path, required: tuple[str, ...], hint: str = "", allow_empty: bool = False
+    path: Path,
+    required: tuple[str, ...],
+    hint: str = "",
+    allow_empty: bool = False,
+    numbers_ok: tuple[str, ...] = (),
 ) -> list[dict]:
     """JSON objects, one per line, each with string fields ``required``; a bad line is a UsageError naming
-    the line (``hint`` says what file was expected)."""
+    the line (``hint`` says what file was expected). Fields in ``numbers_ok`` may also be numbers, read
+    as their text (a numeric ground truth, as ``vlcal score`` and the reward server take it). UTF-8, a
+    byte-order mark skipped."""
+    from vlcal_verl.commands.inputs import ENCODING, not_utf8
+
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UsageError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-            for key in required:
-                if not isinstance(row, dict) or not isinstance(row.get(key), str):
-                    raise UsageError(f"{path}:{n}: field {key!r} missing or not a string{hint}")
-            rows.append(row)
+    with open(path, encoding=ENCODING) as f:
+        try:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    rows.append(_row(line, path, n, required, hint, numbers_ok))
+        except UnicodeDecodeError:
+            raise UsageError(not_utf8(path)) from None
     if not rows and not allow_empty:
         raise UsageError(f"--generations {path}: no rows")
     return rows
 
 
+def _row(
+    line: str, path: Path, n: int, required: tuple[str, ...], hint: str, numbers_ok: tuple[str, ...]
+) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+    for key in required:
+        value = row.get(key) if isinstance(row, dict) else None
+        if key in numbers_ok and isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise UsageError(f"{path}:{n}: field {key!r} must be a string or a finite number")
+            row[key] = str(value)
+        elif not isinstance(value, str):
+            kind = "a string or number" if key in numbers_ok else "a string"
+            raise UsageError(f"{path}:{n}: field {key!r} missing or not {kind}{hint}")
+    return row
+
+
 def _read_generations(path: Path) -> list[dict]:
-    return read_jsonl_rows(path, ("response", "ground_truth"))
+    return read_jsonl_rows(path, ("response", "ground_truth"), numbers_ok=("ground_truth",))
 
 
 def load_items(
@@ -439,12 +516,17 @@ def run(args: argparse.Namespace) -> int:
     if not args.generations:
         rows = _generate(args, plan, named)
 
+    from vlcal_verl.commands.inputs import uid_key, warn_duplicate_uids
     from vlcal_verl.evaluation.generate import score_generations
     from vlcal_verl.evaluation.report import write_report
     from vlcal_verl.evaluation.visual_judge import add_visual_judgments
 
+    source = str(args.generations) if args.generations else "the generated items"
+    warn_duplicate_uids("vlcal eval", source, (uid_key(r) for r in rows))
     # easy-vqa items: visual_correct from the exact judge (after scoring: score_generations rebuilds the rows)
     records = add_visual_judgments(score_generations(rows, protocol=args.protocol), args.protocol)
+    if args.overwrite and args.out.is_dir():
+        clear_report(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     _write_generations(args.out / "generations.jsonl", records)
     title = f"vlcal eval — {args.model or args.generations.name}"

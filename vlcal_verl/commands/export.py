@@ -32,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def actor_dir(checkpoint: Path) -> Path:
     """The ``global_step_N/actor`` folder of a checkpoint path (the latest step for a run folder)."""
+    if checkpoint.is_file():
+        raise UsageError(
+            f"{checkpoint}: is a file; give the checkpoint folder (the run's, global_step_N or global_step_N/actor)"
+        )
     if not checkpoint.is_dir():
         raise UsageError(f"{checkpoint}: no such folder")
     if (checkpoint / "fsdp_config.json").is_file():
@@ -66,6 +70,23 @@ def _check(actor: Path, out: Path) -> None:
         raise UsageError(f"{out}: exists and is not an empty folder; choose a new OUT_DIR")
     if not out.parent.exists():
         raise UsageError(f"{out}: parent folder {out.parent} does not exist")
+
+
+PROCESSOR_FILES = {
+    "processor config": ("processor_config.json", "preprocessor_config.json"),
+    "tokenizer config": ("tokenizer_config.json",),
+}
+"""What ``AutoProcessor`` needs, by alternative names: transformers ≥ 4.5x saves the image processor
+inside ``processor_config.json``, older versions (and some models) as ``preprocessor_config.json``."""
+
+
+def missing_processor_files(folder: Path) -> list[str]:
+    """The processor files ``vlcal eval`` would miss in ``folder``, by name (empty when it has them)."""
+    return [
+        " or ".join(names)
+        for names in PROCESSOR_FILES.values()
+        if not any((folder / n).is_file() for n in names)
+    ]
 
 
 def export(actor: Path, out: Path, trust_remote_code: bool = False) -> Path:
@@ -104,9 +125,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"vlcal export: {err}", file=sys.stderr)
         return 2
     export(actor, args.out, trust_remote_code=args.trust_remote_code)
-    missing = [
-        n for n in ("preprocessor_config.json", "tokenizer_config.json") if not (args.out / n).exists()
-    ]
+    missing = missing_processor_files(args.out)
     note = f" (no {', '.join(missing)}: copy the processor files from the base model)" if missing else ""
     print(f"vlcal export: {actor} → {args.out}{note}; next: vlcal eval --model {args.out} ...")
     return 0

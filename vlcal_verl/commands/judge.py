@@ -101,14 +101,22 @@ def request_body(model: str, description: str, images: list[Any], max_tokens: in
 
 
 def read_judgments(path: Path) -> dict[str, int]:
+    """The judgments already in ``path`` (a rerun resumes them); a file that is not a judgments file
+    (e.g. a report's metrics.json) is refused rather than counted and rewritten."""
     if not path.exists():
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UsageError(f"--out {path}: exists but is not a judgments JSON ({err}); move it away") from None
     if not isinstance(data, dict):
         raise UsageError(f"--out {path}: exists but is not a JSON object {{uid: 0|1}}; move it away")
+    bad = next(((k, v) for k, v in data.items() if isinstance(v, bool) or v not in (0, 1)), None)
+    if bad is not None:
+        raise UsageError(
+            f"--out {path}: exists but is not a judgments file {{uid: 0|1}} (key {bad[0]!r} holds "
+            f"{json.dumps(bad[1])[:40]}); choose another --out or move it away"
+        )
     return data
 
 

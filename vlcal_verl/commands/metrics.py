@@ -4,7 +4,9 @@ Each input line is a JSON object with a confidence in [0, 1] (``--confidence-key
 ``confidence``) and a correctness flag (``--correct-key``, default ``correct``; ``accuracy``, the key
 ``vlcal score`` writes, is accepted when ``correct`` is absent). A null confidence is an unparsed
 answer: it counts as confidence 0 and lowers the reported ``parse_rate`` (as does ``parse_ok: false``).
-Malformed input stops with exit code 2 and a message naming the line and the field.
+Malformed input stops with exit code 2 and a message naming the line and the field. The file is UTF-8
+(a byte-order mark is skipped); lines repeating an earlier line's (benchmark, uid) are counted, with a
+warning on stderr.
 """
 
 from __future__ import annotations
@@ -42,13 +44,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_pairs(
-    path: Path, confidence_key: str = "confidence", correct_key: str = "correct"
+    path: Path,
+    confidence_key: str = "confidence",
+    correct_key: str = "correct",
+    uids: list | None = None,
 ) -> tuple[list[float], list[float], list[bool]]:
-    """(confidence, correct, parsed) lists from a JSONL file; InputError names line and field."""
+    """(confidence, correct, parsed) lists from a JSONL file; InputError names line and field.
+
+    ``uids``, when given, receives each record's (benchmark, uid) key (None without a uid)."""
     from tqdm import tqdm
 
+    from vlcal_verl.commands.inputs import ENCODING, not_utf8, uid_key
+
     try:
-        handle = path.open(encoding="utf-8")
+        handle = path.open(encoding=ENCODING)
         size = path.stat().st_size
     except OSError as err:
         raise InputError(f"{path}: cannot read ({err.strerror or err})") from None
@@ -56,20 +65,27 @@ def read_pairs(
     corr: list[float] = []
     parsed: list[bool] = []
     with handle, tqdm(total=size, unit="B", unit_scale=True, desc="reading", disable=size < 8_000_000) as bar:
-        for lineno, line in enumerate(handle, start=1):
-            bar.update(len(line.encode("utf-8")))
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path} line {lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{path} line {lineno}: expected a JSON object, got {type(record).__name__}")
-            c, ok, p = _pair(record, f"{path} line {lineno}", confidence_key, correct_key)
-            conf.append(c)
-            corr.append(ok)
-            parsed.append(p)
+        try:
+            for lineno, line in enumerate(handle, start=1):
+                bar.update(len(line.encode("utf-8")))
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise InputError(f"{path} line {lineno}: not valid JSON ({err.msg})") from None
+                if not isinstance(record, dict):
+                    raise InputError(
+                        f"{path} line {lineno}: expected a JSON object, got {type(record).__name__}"
+                    )
+                c, ok, p = _pair(record, f"{path} line {lineno}", confidence_key, correct_key)
+                conf.append(c)
+                corr.append(ok)
+                parsed.append(p)
+                if uids is not None:
+                    uids.append(uid_key(record))
+        except UnicodeDecodeError:
+            raise InputError(not_utf8(path)) from None
     if not conf:
         raise InputError(f"{path}: no records")
     return conf, corr, parsed
@@ -150,6 +166,9 @@ def check_plot_path(path: Path) -> None:
         raise InputError(
             f"--plot {path}: is a folder; give a file path, e.g. --plot {path / 'reliability.png'}"
         )
+    blocker = next((p for p in path.absolute().parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise InputError(f"--plot {path}: {blocker} is a file, not a folder; choose another path")
     ext = path.suffix.lower().lstrip(".")
     if ext not in formats:
         what = f"extension .{ext}" if ext else "no extension"
@@ -167,10 +186,14 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--n-bins must be in 1..{MAX_BINS}, got {args.n_bins}")
         if args.plot is not None:
             check_plot_path(args.plot)
-        conf, corr, parsed = read_pairs(args.input, args.confidence_key, args.correct_key)
+        uids: list = []
+        conf, corr, parsed = read_pairs(args.input, args.confidence_key, args.correct_key, uids)
     except InputError as err:
         print(f"vlcal metrics: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from vlcal_verl.commands.inputs import warn_duplicate_uids
+
+    warn_duplicate_uids("vlcal metrics", str(args.input), uids)
     result = calibration_metrics(conf, corr, n_bins=args.n_bins, parsed=parsed)
     if args.plot is not None:
         result["plot"] = str(

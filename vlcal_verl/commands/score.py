@@ -8,6 +8,11 @@ file is validated before any grading, so a bad line fails fast with its line num
 are the options (finite weights) and the output path (its folder exists and is writable, it is not a
 folder itself). The output is written to a temporary file beside it and renamed into place, so an
 interrupted run leaves no half-written file (and an existing output file intact).
+
+The input is UTF-8 (a byte-order mark is skipped; other encodings are one line naming the first bad
+line); lines repeating an earlier line's uid are scored and counted in a warning on stderr. Scoring is
+:func:`vlcal_verl.rewards.score_many`, i.e. ``score_response`` — the function training's
+``compute_score`` calls — for every protocol, with or without ``--reference-parity``.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reference-parity",
         action="store_true",
-        help="reproduce the authors' decouple reward exactly (their parsing and mathruler grading)",
+        help="the authors' reward for --protocol exactly (decoupled: their decouple reward; rlcr: their RLCR "
+        "reward, as training's ablation=rlcr, which also sets --w-brier 0.8)",
     )
     parser.add_argument("--w-brier", type=float, default=None, help="weight of the Brier term (2.0)")
     parser.add_argument("--w-fmt", type=float, default=None, help="weight of the format term (0.4)")
@@ -50,22 +56,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_records(path: Path) -> list[dict[str, Any]]:
     """Read and validate the input JSONL; raise InputError naming the line and field."""
+    from vlcal_verl.commands.inputs import ENCODING, not_utf8
+
     try:
-        handle = path.open(encoding="utf-8")
+        handle = path.open(encoding=ENCODING)
     except OSError as err:
         raise InputError(f"{path}: cannot read ({err.strerror or err})") from None
     records = []
     with handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line, parse_constant=_refuse_constant)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path} line {lineno}: not valid JSON ({err.msg})") from None
-            except ValueError as err:
-                raise InputError(f"{path} line {lineno}: {err}") from None
-            records.append(_validate(record, path, lineno))
+        try:
+            for lineno, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line, parse_constant=_refuse_constant)
+                except json.JSONDecodeError as err:
+                    raise InputError(f"{path} line {lineno}: not valid JSON ({err.msg})") from None
+                except ValueError as err:
+                    raise InputError(f"{path} line {lineno}: {err}") from None
+                records.append(_validate(record, path, lineno))
+        except UnicodeDecodeError:
+            raise InputError(not_utf8(path)) from None
     return records
 
 
@@ -115,8 +126,6 @@ def _config(args: argparse.Namespace):
     for flag, value in (("--w-brier", args.w_brier), ("--w-fmt", args.w_fmt), ("--timeout", args.timeout)):
         if value is not None and not math.isfinite(value):
             raise InputError(f"{flag} must be a finite number, got {value}")
-    if cfg.reference_parity and cfg.protocol != "decoupled":
-        raise InputError("--reference-parity needs --protocol decoupled")
     if args.timeout <= 0:
         raise InputError(f"--timeout must be > 0, got {args.timeout}")
     if args.workers is not None and args.workers < 1:
@@ -169,8 +178,10 @@ def run(args: argparse.Namespace) -> int:
     except InputError as err:
         print(f"vlcal score: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from vlcal_verl.commands.inputs import uid_key, warn_duplicate_uids
     from vlcal_verl.rewards import score_many
 
+    warn_duplicate_uids("vlcal score", str(args.input), (uid_key(r) for r in records))
     items = [(r["response"], str(r["ground_truth"]), r.get("answer_kind")) for r in records]
     if cfg.reference_parity or not items:
         results = score_many(items, cfg, progress=True)

@@ -48,7 +48,7 @@ def run_vlcal_eval(
             "--model", str(model_dir),
             "--data-dir", str(data_dir),
             "--bench", ",".join(benches),
-            "--out", str(out),
+            "--out", str(out), "--overwrite",  # a resumed demo evaluates into the same folders again
             "--max-new-tokens", str(max_new_tokens),
             "--temperature", str(cfg.eval_temperature),
             "--batch-size", str(cfg.eval_batch_size),
