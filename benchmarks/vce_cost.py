@@ -146,7 +146,24 @@ def build_model(shape: dict, device, dtype):
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    if torch.device(device).type != "cpu":
+        inputs_follow_model(model)
     return model.eval()
+
+
+def inputs_follow_model(model) -> None:
+    """Move the forward's tensor arguments to the model's device, as FSDP's root pre-forward does on the
+    actor: verl's ``prepare_model_inputs`` leaves ``multi_modal_inputs`` (pixel values) on the host, and
+    the bare engine used here has no FSDP wrapper to move them."""
+    import torch
+
+    device = next(model.parameters()).device
+
+    def hook(_module, args, kwargs):
+        move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def make_verl_batch(shape: dict, model, dtype):
@@ -253,6 +270,18 @@ def measure_rounds(fns, device, warmup: int, repeats: int) -> list[tuple[list[fl
     return list(zip(times, mem, strict=True))
 
 
+def measure_table(table, device, warmup: int, repeats: int) -> list[dict]:
+    """:func:`measure_rounds` over :func:`rows`' table → per row: label, every round's time, the median,
+    the added-time ratio (1.0 for plain) and the peak memory (bytes)."""
+    results = measure_rounds([fn for _, fn, _ in table], device, warmup, repeats)
+    plain_times = results[0][0]
+    out = []
+    for (label, _, includes_plain), (times, mem) in zip(table, results, strict=True):
+        ratio = 1.0 if label.startswith("plain") else added_ratio(times, plain_times, includes_plain)
+        out.append(dict(label=label, times=times, median_s=statistics.median(times), ratio=ratio, mem=mem))
+    return out
+
+
 def added_ratio(times: list[float], plain: list[float], includes_plain: bool) -> float:
     """VCE's added time as a multiple of plain: median over rounds of (row − plain) / plain for the fused
     calls (they include verl's pass), of row / plain for the separate calls."""
@@ -268,33 +297,56 @@ def _trim():
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def black():
+    """The pixel_values row of a black patch under Qwen3-VL's normalisation (mean = std = 0.5; temporal
+    patch 2, patch 16): what a masked cell becomes."""
+    from vlcal_verl.vce_mask import black_row
+
+    return black_row([0.5] * 3, [0.5] * 3, 2, 16)
+
+
+def verl_settings(batch, max_tokens: int):
+    """A shallow copy of ``batch`` with the settings verl's ``_compute_old_log_prob`` puts on it (packed
+    layout, dynamic batching at ``max_tokens`` per micro-batch, entropy on)."""
+    from verl.utils import tensordict_utils as tu
+
+    batch = batch.clone(recurse=False)
+    tu.assign_non_tensor(
+        batch, use_remove_padding=True, use_dynamic_bsz=True, temperature=1.0, calculate_entropy=True,
+        max_token_len_per_gpu=max_tokens,
+    )  # fmt: skip
+    return batch
+
+
+def fused_call(eng, data, spans, mask_ids, cfg, max_tokens: int, device):
+    """One verl ``infer_batch`` with VCE fused in: verl's log-probs / entropy and the VCE fields."""
+    from vlcal_verl.verl_ext.vce_fused import add_vce_targets, fused_forward_installed
+
+    batch = verl_settings(data, max_tokens)
+    add_vce_targets(batch, spans, cfg, mask_ids)
+    with fused_forward_installed(eng, cfg, black(), 2, device=device):
+        return eng.infer_batch(batch, loss_function=None)["model_output"]
+
+
 def rows(model, data, spans, mask_ids, args, device):
     """(label, callable) per row; every callable runs one verl ``infer_batch``."""
     import torch
-    from verl.utils import tensordict_utils as tu
 
     from vlcal_verl.config import VCEConfig
     from vlcal_verl.token_signals import sampled_kl
-    from vlcal_verl.vce_mask import black_row
     from vlcal_verl.verl_ext.check import bare_engine
     from vlcal_verl.verl_ext.vce_engine import (
         mask_multi_modal_inputs,
         prepare_vce_batch,
         vce_forward_installed,
     )
-    from vlcal_verl.verl_ext.vce_fused import add_vce_targets, fused_forward_installed
 
-    black = black_row([0.5] * 3, [0.5] * 3, 2, 16)
+    black_px = black()
     eng = bare_engine(model, torch.float32 if args.dtype_obj == torch.float32 else args.dtype_obj)
     max_tokens = int(data["input_ids"].offsets().diff().max()) * args.per_micro
 
     def settings(batch):
-        batch = batch.clone(recurse=False)
-        tu.assign_non_tensor(
-            batch, use_remove_padding=True, use_dynamic_bsz=True, temperature=1.0, calculate_entropy=True,
-            max_token_len_per_gpu=max_tokens,
-        )  # fmt: skip
-        return batch
+        return verl_settings(batch, max_tokens)
 
     def plain():
         return eng.infer_batch(settings(data), loss_function=None)["model_output"]
@@ -303,24 +355,18 @@ def rows(model, data, spans, mask_ids, args, device):
     authors = VCEConfig(scope="full", estimator="reference", entropy="nll", vocab_chunk_tokens=args.chunk)
 
     def separate():
-        prepared = settings(prepare_vce_batch(data, spans, exact, black, 2, mask_ids))
+        prepared = settings(prepare_vce_batch(data, spans, exact, black_px, 2, mask_ids))
         with vce_forward_installed(eng, exact, device=device):
             return eng.infer_batch(prepared, loss_function=None)["model_output"]
 
     def fused(cfg):
-        def run():
-            batch = settings(data)
-            add_vce_targets(batch, spans, cfg, mask_ids)
-            with fused_forward_installed(eng, cfg, black, 2, device=device):
-                return eng.infer_batch(batch, loss_function=None)["model_output"]
-
-        return run
+        return lambda: fused_call(eng, data, spans, mask_ids, cfg, max_tokens, device)
 
     old = plain()["log_probs"]
 
     def authors_approach():
         masked = data.clone(recurse=False)
-        mm = mask_multi_modal_inputs(list(data["multi_modal_inputs"]), mask_ids, authors, black, 2)
+        mm = mask_multi_modal_inputs(list(data["multi_modal_inputs"]), mask_ids, authors, black_px, 2)
         from tensordict import NonTensorStack
 
         masked["multi_modal_inputs"] = NonTensorStack(*mm)
@@ -335,6 +381,31 @@ def rows(model, data, spans, mask_ids, args, device):
         ("fused: full + sampled (authors' variant)", fused(authors), True),
         ("authors' approach: second full masked log-prob pass", authors_approach, False),
     ]
+
+
+def init_single_rank(device) -> None:
+    """One-rank process group (verl's micro-batching all-reduces token counts over the DP group) and verl's
+    device helpers pointed at ``device`` (its step moves each micro-batch to "the" accelerator)."""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+    from verl.workers.engine.fsdp import transformer_impl
+
+    if not dist.is_initialized():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    if device.type == "cuda":
+        if device.index is not None:
+            torch.cuda.set_device(device.index)
+        dev_id = torch.cuda.current_device()  # "cuda" alone has no index
+    else:
+        dev_id = "cpu"
+    transformer_impl.get_device_id = lambda: dev_id
+    transformer_impl.get_device_name = lambda: device.type
 
 
 def main(argv=None) -> int:
@@ -381,21 +452,7 @@ def main(argv=None) -> int:
         else torch.float32
     )
     args.dtype_obj = dtype
-    import socket
-
-    import torch.distributed as dist
-
-    if not dist.is_initialized():  # verl's micro-batching all-reduces token counts over the DP group
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    from verl.workers.engine.fsdp import transformer_impl
-
-    dev_id = device.index if device.type == "cuda" else "cpu"
-    transformer_impl.get_device_id = lambda: dev_id  # verl's step moves micro-batches to "the" accelerator
-    transformer_impl.get_device_name = lambda: device.type
+    init_single_rank(device)
     model = build_model(shape, device, dtype)
     data, spans, mask_ids = make_verl_batch(shape, model, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} threads)"
@@ -413,11 +470,10 @@ def main(argv=None) -> int:
     unit = 2**30 if device.type == "cuda" else 2**20
     print(f"| row | time (s) | × plain | {mem_name} |\n|---|---:|---:|---:|")
     table = rows(model, data, spans, mask_ids, args, device)
-    results = measure_rounds([fn for _, fn, _ in table], device, args.warmup, args.repeats)
-    plain_times = results[0][0]
-    for (label, _, includes_plain), (times, mem) in zip(table, results, strict=True):
-        ratio = 1.0 if label.startswith("plain") else added_ratio(times, plain_times, includes_plain)
-        print(f"| {label} | {statistics.median(times):.3f} | {ratio:.2f} | {mem / unit:.2f} |", flush=True)
+    for r in measure_table(table, device, args.warmup, args.repeats):
+        print(
+            f"| {r['label']} | {r['median_s']:.3f} | {r['ratio']:.2f} | {r['mem'] / unit:.2f} |", flush=True
+        )
     print("\n'× plain': the time VCE adds to verl's old-log-prob pass, as a multiple of that pass.")
     return 0
 
