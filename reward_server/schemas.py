@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from vlcal_verl.config import check_value
+
 ItemStatus = Literal["ok", "timeout", "parse_error", "error"]
 
 
@@ -70,6 +72,7 @@ class Weights(_Strict):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{name} must be finite, got {value}")
+            check_value(f"reward.{name}", value, f"weights.{name}")  # training's ranges: a 422 naming them
         return self
 
 

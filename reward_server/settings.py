@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from vlcal_verl.config import RewardConfig
+from vlcal_verl.config import RewardConfig, check_value
 
 ENV_PREFIX = "VLCAL_RS_"
 
@@ -75,6 +75,8 @@ class ServerSettings:
             )
         if self.protocol not in ("decoupled", "rlcr"):
             raise ValueError(f"protocol must be 'decoupled' or 'rlcr', got {self.protocol!r}")
+        for name in ("w_brier", "w_fmt", "w_vis"):  # the valid ranges of training's --check
+            check_value(f"reward.{name}", getattr(self, name), name)
         return self
 
     def reward_config(self) -> RewardConfig:

@@ -42,6 +42,11 @@ class RewardConfig:
     grading_timeout_s: float = 5.0
     """Per-answer grading timeout; a timeout is graded incorrect with status 'timeout'."""
 
+    def validate(self, labels: dict[str, str] | None = None) -> RewardConfig:
+        """Types and :data:`RANGES` (``labels``: field → the name the user typed, e.g. ``--w-brier``)."""
+        check_section(self, labels)
+        return self
+
 
 @dataclass
 class VCEConfig:
@@ -129,8 +134,67 @@ _SECTION_NAMES = {
 }
 
 
-def _check_field_types(section: Any) -> None:
-    """Every field has its declared type: Literal choices, finite numbers, real booleans.
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take; ``why`` says what goes wrong outside (shown in the error)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        lo, hi = self.low, self.high
+        above = lo is None or (value > lo if self.low_open else value >= lo)
+        below = hi is None or (value < hi if self.high_open else value <= hi)
+        return above and below
+
+    def __str__(self) -> str:
+        lo, hi = self.low, self.high
+        if lo is not None and hi is not None:
+            return f"in {'(' if self.low_open else '['}{lo:g}, {hi:g}{')' if self.high_open else ']'}"
+        if lo is not None:
+            return f"{'>' if self.low_open else '>='} {lo:g}"
+        return f"{'<' if self.high_open else '<='} {hi:g}"
+
+
+RANGES: dict[str, Range] = {
+    "reward.w_brier": Range(0.0, why="a negative weight rewards miscalibration; 0 turns the Brier term off"),
+    "reward.w_fmt": Range(0.0, why="a negative weight rewards a broken output format"),
+    "reward.w_vis": Range(0.0, why="a negative weight rewards visual miscalibration; 0 turns the term off"),
+    "reward.grading_timeout_s": Range(
+        0.0, low_open=True, why="with no time every answer grades as a timeout"
+    ),
+    "vce.mask_prob": Range(
+        0.0, 1.0, low_open=True, why="a probability; p = 0 masks nothing, so VCE measures nothing"
+    ),
+    "vce.mask_cell_px": Range(0.0, why="0 = the model's merged-patch grid, N = N-pixel squares"),
+    "vce.vocab_chunk_tokens": Range(1.0, why="tokens per chunk of the exact KL"),
+    "vce.eps": Range(0.0, low_open=True, why="log(0) when a mean signal is 0"),
+    "tar.w_min": Range(0.0, why="a negative weight flips the sign of the advantage"),
+    "tar.w_max": Range(0.0, why="a negative weight flips the sign of the advantage; and >= w_min"),
+    "tar.eps": Range(0.0, low_open=True, why="log(0) when a signal is 0"),
+    "perception.top_fraction": Range(0.0, 1.0, low_open=True, why="the fraction of tokens kept for the loss"),
+}
+"""Valid range of every bounded number in the ``vlcal:`` block (README: Training on a GPU cluster)."""
+
+
+def check_value(key: str, value: Any, label: str | None = None) -> None:
+    """Raise ValueError ``LABEL=VALUE is out of range: must be RANGE (why)`` when ``value`` is outside
+    ``RANGES[key]`` (``key`` as ``"reward.w_brier"``; ``label`` defaults to ``vlcal.<key>``). The one check
+    behind ``--check``, start-up, ``vlcal score``'s weight flags and the reward server's weights."""
+    bounds = RANGES.get(key)
+    if bounds is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    if not math.isfinite(value) or value not in bounds:
+        why = f" ({bounds.why})" if bounds.why else ""
+        raise ValueError(f"{label or 'vlcal.' + key}={value!r} is out of range: must be {bounds}{why}")
+
+
+def check_section(section: Any, labels: dict[str, str] | None = None) -> None:
+    """Every field has its declared type (Literal choices, finite numbers, real booleans) and lies in its
+    :data:`RANGES` entry; ``labels`` renames fields in the message (e.g. a CLI flag).
 
     Dataclasses do not check types, and OmegaConf passes a ``Literal`` or a ``.nan`` through, so
     ``tar.scope: vision-span`` or ``w_brier: .nan`` would otherwise run with a silently wrong meaning.
@@ -139,7 +203,7 @@ def _check_field_types(section: Any) -> None:
     hints = typing.get_type_hints(type(section))
     for f in fields(section):
         value, hint = getattr(section, f.name), hints[f.name]
-        where = f"vlcal.{name}.{f.name}"
+        where = (labels or {}).get(f.name, f"vlcal.{name}.{f.name}")
         if typing.get_origin(hint) is Literal:
             choices = typing.get_args(hint)
             if value not in choices:
@@ -154,6 +218,7 @@ def _check_field_types(section: Any) -> None:
                 raise ValueError(f"{where} must be an integer, got {value!r}")
             if not math.isfinite(value):
                 raise ValueError(f"{where} must be a finite number, got {value!r}")
+            check_value(f"{name}.{f.name}", value, where)
 
 
 @dataclass
@@ -175,11 +240,12 @@ class VLCalConfig:
         """Raise ValueError naming the field when a combination is invalid; return self."""
         r, v, t, pc = self.reward, self.vce, self.tar, self.perception
         for section in (r, v, t, pc):
-            _check_field_types(section)
-        if not 0.0 <= v.mask_prob <= 1.0:
-            raise ValueError(f"vlcal.vce.mask_prob must be in [0, 1], got {v.mask_prob}")
+            check_section(section)
         if t.w_min > t.w_max:
-            raise ValueError(f"vlcal.tar.w_min ({t.w_min}) must be <= vlcal.tar.w_max ({t.w_max})")
+            raise ValueError(
+                f"vlcal.tar.w_min={t.w_min!r} is out of range: must be <= vlcal.tar.w_max={t.w_max!r} "
+                "(the most visually certain tokens get the smaller weight)"
+            )
         if t.enabled and not v.enabled:
             raise ValueError("vlcal.tar.enabled needs vlcal.vce.enabled (TAR uses KL_t and H_t)")
         if t.enabled and t.scope == "response" and v.scope != "full":
@@ -196,16 +262,8 @@ class VLCalConfig:
             raise ValueError(
                 "vlcal.perception.enabled needs vlcal.vce.scope='full' (masked log-probs of every response token)"
             )
-        if not 0.0 < pc.top_fraction <= 1.0:
-            raise ValueError(f"vlcal.perception.top_fraction must be in (0, 1], got {pc.top_fraction}")
         if t.enabled and t.kl == "k3_clamped" and t.scope == "response" and v.scope != "full":
             raise ValueError("vlcal.tar.kl='k3_clamped' over the response needs vlcal.vce.scope='full'")
-        if v.mask_cell_px < 0:
-            raise ValueError(
-                f"vlcal.vce.mask_cell_px must be >= 0 (0 = merged-patch grid), got {v.mask_cell_px}"
-            )
-        if v.vocab_chunk_tokens <= 0:
-            raise ValueError(f"vlcal.vce.vocab_chunk_tokens must be > 0, got {v.vocab_chunk_tokens}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -130,7 +130,10 @@ def _config(args: argparse.Namespace):
         raise InputError(f"--timeout must be > 0, got {args.timeout}")
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be >= 1, got {args.workers}")
-    return cfg
+    try:  # the valid ranges of training's --check (vlcal_verl.config.RANGES), named by the flag
+        return cfg.validate({"w_brier": "--w-brier", "w_fmt": "--w-fmt", "grading_timeout_s": "--timeout"})
+    except ValueError as err:
+        raise InputError(str(err)) from None
 
 
 def check_output(output: str) -> Path | None:
