@@ -44,6 +44,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ -n "$recipe" ]] || die "--recipe is required"
+[[ "$recipe" == *.yaml ]] || die "--recipe $recipe: not a .yaml file (python -m vlcal_verl.main composes only *.yaml recipes)"
 [[ -f "$recipe" ]] || die "--recipe: no such file: $recipe"
 recipe_abs="$(cd "$(dirname "$recipe")" && pwd)/$(basename "$recipe")"
 case "$recipe_abs" in

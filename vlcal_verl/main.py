@@ -9,10 +9,11 @@ inside its own Ray actor — verl 0.9.1's ``TaskRunnerV1.run`` picks the trainer
 ``TRAINER_REGISTRY[trainer.v1.trainer_mode]`` and ``"sync"`` is also a mode verl checks by name.
 
 ``--check`` (anywhere on the command line) composes and validates the config, prints a summary and exits 0 — no Ray,
-no GPU, no files written: CI and ``launch/submit.sh --check`` use it; ``--print-config`` (with ``--check``)
-also prints the composed config as YAML, after the vlcal wiring, so two runs can be diffed.
-``--recipe recipes/<model>.yaml`` selects a recipe (see recipes/README.md); any other argument is a Hydra
-override. A configuration mistake is one line on stderr and exit code 2.
+no GPU, no files written: CI and ``launch/submit.sh --check`` use it; ``--print-config`` (implies ``--check``)
+makes stdout exactly the composed config as YAML, after the vlcal wiring (the rest goes to stderr), so two
+runs can be diffed. ``--recipe recipes/<model>.yaml`` (or ``--recipe=FILE``) composes exactly that file
+(see recipes/README.md); any other argument goes to Hydra (``--help``: :mod:`vlcal_verl.main_args`). A
+configuration mistake is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -27,10 +28,24 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from vlcal_verl import main_args
 from vlcal_verl.config import VLCalConfig
+from vlcal_verl.main_args import (
+    EXIT_CONFIG_ERROR,
+    composition_error,
+    hydra_argv,
+    stdout_to_stderr,
+    usage_error,
+)
+
+# the recipe API, imported from here by the tests, `vlcal eval --recipe` and the demo
+CONFIG_DIR, compose_recipe, verl_config_dir = (
+    main_args.CONFIG_DIR,
+    main_args.compose_recipe,
+    main_args.verl_config_dir,
+)
 
 SERVER_REWARD_KWARGS = ("w_brier", "w_fmt", "w_vis", "protocol", "reference_parity")
-EXIT_CONFIG_ERROR = 2
 
 KNOWN_TOP_LEVEL_KEYS = frozenset(
     {
@@ -322,147 +337,35 @@ def summary(config: DictConfig, vcfg: VLCalConfig) -> str:
 
 @hydra.main(config_path="hydra_conf", config_name="vlcal_trainer", version_base=None)
 def _hydra_main(config: DictConfig) -> None:
-    try:
-        vcfg = prepare(config)
-    except ConfigError as err:
-        print(f"[vlcal] config error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_CONFIG_ERROR) from None
-    print(summary(config, vcfg), flush=True)
-    for warning in missing_paths(config):
-        print(f"[vlcal] warning: {warning}", file=sys.stderr, flush=True)
-    if os.environ.get("VLCAL_PRINT_CONFIG") == "1":
-        print(OmegaConf.to_yaml(config, resolve=True), flush=True)
-    if os.environ.get("VLCAL_CHECK_ONLY") == "1":
-        import vlcal_verl
+    print_config = os.environ.get("VLCAL_PRINT_CONFIG") == "1"
+    with stdout_to_stderr(print_config):  # --print-config: stdout is the YAML and nothing else
+        try:
+            vcfg = prepare(config)
+        except ConfigError as err:
+            print(f"[vlcal] config error: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_CONFIG_ERROR) from None
+        print(summary(config, vcfg), flush=True)
+        for warning in missing_paths(config):
+            print(f"[vlcal] warning: {warning}", file=sys.stderr, flush=True)
+        if os.environ.get("VLCAL_CHECK_ONLY") == "1":
+            import vlcal_verl
 
-        print(f"[vlcal] package: {Path(vlcal_verl.__file__).parent}", flush=True)
+            print(f"[vlcal] package: {Path(vlcal_verl.__file__).parent}", flush=True)
+    if print_config:
+        print(OmegaConf.to_yaml(config, resolve=True), end="", flush=True)
+    if os.environ.get("VLCAL_CHECK_ONLY") == "1":
         return
     from verl.trainer.main_ppo import run_ppo
 
     run_ppo(config, task_runner_class=_task_runner())
 
 
-CONFIG_DIR = Path(__file__).resolve().parent / "hydra_conf"
-
-
-def verl_config_dir() -> Path:
-    """verl's ``trainer/config`` folder, found without importing verl.
-
-    A ``pkg://verl.trainer.config`` search path would ``import verl`` while Hydra composes, before the
-    config says which device it is for — and ``import verl`` loads the plugins, which set up the CPU
-    backend only when ``VERL_PLATFORM=cpu`` is already exported, and imports Ray, which must know by then
-    that it binds to the loopback address.
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec("verl")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("verl is not installed: pip install 'verl[verl-core]==0.9.1'")
-    return Path(next(iter(spec.submodule_search_locations))) / "trainer" / "config"
-
-
-def _usage_error(message: str) -> None:
-    print(f"[vlcal] {message}", file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_CONFIG_ERROR)
-
-
-def hydra_argv(argv: list[str]) -> list[str]:
-    """Translate our flags into Hydra's: ``--recipe FILE`` → ``--config-path/--config-name``; ``--check``
-    → ``VLCAL_CHECK_ONLY=1``; and put this package's configs plus verl's on the search path (a package
-    directory named ``config`` next to ``config.py`` cannot be a ``pkg://`` search path entry)."""
-    argv = list(argv)
-    if "--print-config" in argv:
-        argv.remove("--print-config")
-        os.environ["VLCAL_PRINT_CONFIG"] = "1"
-        if "--check" not in argv:
-            argv.append("--check")
-    if "--check" in argv:
-        argv.remove("--check")
-        os.environ["VLCAL_CHECK_ONLY"] = "1"
-        # a check writes nothing: no outputs/DATE/ run folder, no .hydra copy, no log file
-        argv += [
-            "hydra.output_subdir=null",
-            "hydra.run.dir=.",
-            "hydra/job_logging=none",
-            "hydra/hydra_logging=none",
-        ]
-    if "--recipe" in argv:
-        i = argv.index("--recipe")
-        if i + 1 >= len(argv):
-            _usage_error("--recipe needs a YAML file")
-        recipe = Path(argv[i + 1]).resolve()
-        if not recipe.is_file():
-            _usage_error(f"--recipe: no such file: {recipe}")
-        argv[i : i + 2] = ["--config-path", str(recipe.parent), "--config-name", recipe.stem]
-    if not any(a.startswith("hydra.searchpath") for a in argv):
-        argv.append(f"hydra.searchpath=[file://{CONFIG_DIR},file://{verl_config_dir()}]")
-    return argv
-
-
-def compose_recipe(recipe: str | Path, overrides: list[str] | None = None) -> DictConfig:
-    """The config ``python -m vlcal_verl.main --recipe RECIPE OVERRIDES`` runs with (Hydra's compose API;
-    nothing is checked or started)."""
-    from hydra import compose, initialize_config_dir
-
-    recipe = Path(recipe).resolve()
-    if not recipe.is_file():
-        raise ValueError(f"--recipe: no such file: {recipe}")
-    search = f"hydra.searchpath=[file://{CONFIG_DIR},file://{verl_config_dir()}]"
-    with initialize_config_dir(config_dir=str(recipe.parent), version_base=None):
-        return compose(config_name=recipe.stem, overrides=[*(overrides or []), search])
-
-
-def _one_line(err: BaseException) -> str:
-    """Hydra's multi-line message (and its cause's) as one line, without the search-path dump."""
-    parts: list[str] = []
-    while err is not None:
-        for line in str(err).splitlines():
-            line = line.strip()
-            if line.startswith("Config search path"):
-                break
-            if line and not line.startswith(("full_key:", "object_type=", "provider=", "path=")):
-                parts.append(line)
-        err = err.__cause__
-    return " ".join(dict.fromkeys(parts)) or "invalid configuration"
-
-
-def composition_error(argv: list[str]) -> str | None:
-    """Compose the config as ``_hydra_main`` will (Hydra's compose API) and return Hydra's complaint as
-    one line, or None. Hydra itself would print it over several lines and exit 1."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-
-    config_dir, config_name, overrides, i = str(CONFIG_DIR), "vlcal_trainer", [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("--config-path", "--config-name") and i + 1 < len(argv):
-            config_dir, config_name = (
-                (argv[i + 1], config_name) if arg == "--config-path" else (config_dir, argv[i + 1])
-            )
-            i += 2
-            continue
-        if not arg.startswith("-") and not arg.startswith("hydra"):
-            overrides.append(arg)
-        i += 1
-    search = f"hydra.searchpath=[file://{CONFIG_DIR},file://{verl_config_dir()}]"
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
-            compose(config_name=config_name, overrides=[*overrides, search])
-    except (HydraException, ValueError) as err:
-        return _one_line(err)
-    finally:
-        GlobalHydra.instance().clear()
-    return None
-
-
 def main(argv: list[str] | None = None) -> None:
-    """``python -m vlcal_verl.main [--check] [--print-config] [--recipe FILE] [hydra args]``."""
+    """``python -m vlcal_verl.main [--check] [--print-config] [--recipe FILE.yaml] [hydra args]`` (``--help``)."""
     args = hydra_argv(sys.argv[1:] if argv is None else argv)
     problem = composition_error(args)
     if problem is not None:
-        _usage_error(f"config error: {problem}")
+        usage_error(f"config error: {problem}")
     sys.argv = [sys.argv[0], *args]
     _hydra_main()
 

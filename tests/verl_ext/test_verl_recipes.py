@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -223,14 +224,15 @@ def test_default_config_without_recipe():
 
 
 def test_hydra_argv_translates_recipe_and_check(monkeypatch):
-    monkeypatch.delenv("VLCAL_CHECK_ONLY", raising=False)
+    monkeypatch.setenv("VLCAL_CHECK_ONLY", "0")  # restored afterwards (hydra_argv sets it)
     argv = hydra_argv(["--check", "--recipe", str(RECIPES / "qwen3_vl_4b.yaml"), "ablation=rlcr"])
-    assert argv[:4] == ["--config-path", str(RECIPES), "--config-name", "qwen3_vl_4b"]
+    assert argv[:4] == ["--config-path", str(RECIPES), "--config-name", "qwen3_vl_4b.yaml"]  # the file itself
     assert "ablation=rlcr" in argv and argv[-1] == SEARCH
     assert "hydra.output_subdir=null" in argv and "hydra.run.dir=." in argv  # a check writes nothing
     import os
 
     assert os.environ["VLCAL_CHECK_ONLY"] == "1"
+    assert hydra_argv(["ablation=rlcr", f"--recipe={RECIPES / 'qwen3_vl_4b.yaml'}", "--check"]) == argv
 
 
 def test_image_pixel_budget_reaches_the_qwen3_vl_processor(tmp_path):
@@ -320,9 +322,7 @@ def test_check_writes_nothing_prints_config_and_warns_about_missing_paths(tmp_pa
     out = _check(["--print-config", "--recipe", str(RECIPES / "qwen3_vl_4b.yaml")], tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []  # no outputs/DATE/, no .hydra, no log file
-    printed = OmegaConf.create(
-        out.stdout[out.stdout.index("actor_rollout_ref:") :].split("[vlcal] package")[0]
-    )
+    printed = OmegaConf.create(yaml.safe_load(out.stdout))  # stdout is the YAML and nothing else
     assert printed.actor_rollout_ref.actor.policy_loss.loss_mode == "vlcal_perception"  # after the wiring
     assert printed.vlcal.variant == "authors"
     assert "[vlcal] warning: actor_rollout_ref.model.path does not exist here" in out.stderr
