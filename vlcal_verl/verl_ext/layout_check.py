@@ -16,7 +16,7 @@ verl's assertions (verl 0.9.1, paths under ``verl/``) and the rule here:
 
 * workers/engine_workers.py:267 (``train_mini_batch``): ``M·n % dp == 0`` — the issue's crash.
 * engine/fsdp/transformer_impl.py:247 (Ulysses mesh ``(W/sp, sp)``, torch's ``init_device_mesh``):
-  ``W % sp == 0`` for the actor and the ref; :148 and workers/config/actor.py:336: ``sp > 1`` needs
+  ``W % sp == 0`` for the actor and the ref; :148 and workers/config/actor.py:333: ``sp > 1`` needs
   ``model.use_remove_padding``; models/transformers/monkey_patch.py:343/346: attention heads ``% sp == 0``
   and KV heads ``% sp == 0`` or ``sp % kv == 0`` (when the model's ``config.json`` is readable here).
 * engine/fsdp/utils.py:47-51 (``create_device_mesh``): ``fsdp_size`` < 0, ≥ W, or a divisor of W.
@@ -60,7 +60,6 @@ from pathlib import Path
 from typing import Any
 
 AR = "actor_rollout_ref"
-SYNTHETIC_SEQ_LEN = 128  # verl/trainer/ppo/padding_utils.py: SYNTHETIC_PADDING_SEQ_LEN
 
 
 @dataclass(frozen=True)
