@@ -175,6 +175,12 @@ def one_line(err: BaseException) -> str:
     return " ".join(dict.fromkeys(parts)) or "invalid configuration"
 
 
+_HYDRA_VALUE_FLAGS = frozenset(
+    {"--cfg", "-c", "--package", "-p", "--config-dir", "-cd", "--experimental-rerun"}
+)
+_INFO = frozenset({"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"})  # --info's choices
+
+
 def composition_error(argv: list[str]) -> str | None:
     """Compose the config as ``_hydra_main`` will (Hydra's compose API) and return Hydra's (or the YAML
     parser's) complaint as one line, or None. Hydra itself would print it over several lines and exit 1;
@@ -186,12 +192,15 @@ def composition_error(argv: list[str]) -> str | None:
 
     config_dir, config_name, overrides, i = str(CONFIG_DIR), "vlcal_trainer", [], 0
     while i < len(argv):
-        arg = argv[i]
-        if arg in ("--config-path", "--config-name") and i + 1 < len(argv):
+        arg, value = argv[i], argv[i + 1] if i + 1 < len(argv) else None
+        if arg in ("--config-path", "-cp", "--config-name", "-cn") and value is not None:
             config_dir, config_name = (
-                (argv[i + 1], config_name) if arg == "--config-path" else (config_dir, argv[i + 1])
+                (value, config_name) if arg in ("--config-path", "-cp") else (config_dir, value)
             )
             i += 2
+            continue
+        if value is not None and (arg in _HYDRA_VALUE_FLAGS or (arg in ("--info", "-i") and value in _INFO)):
+            i += 2  # a Hydra flag's value (--cfg job), not an override
             continue
         if not arg.startswith("-") and not arg.startswith("hydra"):
             overrides.append(arg)

@@ -177,3 +177,10 @@ def test_submit_sh_refuses_a_recipe_not_named_yaml(name):
         out.stderr.strip()
         == f"submit.sh: --recipe {name}: not a .yaml file (python -m vlcal_verl.main composes only *.yaml recipes)"
     )
+
+
+def test_hydra_flags_with_values_pass_through():
+    """``--cfg job`` (Hydra prints the composed job config and stops): its value is not an override."""
+    out = _main(["--recipe", str(RECIPE), "--cfg", "job", "--package", "vlcal.reward", "ablation=rlcr"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert yaml.safe_load(out.stdout.split("\n", 1)[1])["w_brier"] == 0.8  # after '# @package vlcal.reward'
