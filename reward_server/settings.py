@@ -53,7 +53,7 @@ class ServerSettings:
     log_level: str = "info"
     """uvicorn log level."""
     shutdown_grace_s: float = 20.0
-    """After SIGTERM/SIGINT: seconds in-flight requests get before the process exits (those not done 1 s
+    """After SIGTERM/SIGINT: seconds in-flight requests get before the process exits (those not done 2 s
     before the end are answered 503 + Retry-After; see reward_server.shutdown)."""
 
     def validate(self) -> ServerSettings:

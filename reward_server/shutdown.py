@@ -9,9 +9,9 @@ takes longer than any sensible grace). So :class:`DrainingServer` also tells the
 
 * a request that arrives on an open connection, and ``/readyz``, get 503 + Retry-After ("shutting down"),
   so load balancers and clients go elsewhere;
-* a request already scoring keeps scoring; if it is not done ``margin_s`` before the grace period ends it
-  is answered 503 + Retry-After instead (its work is discarded: a retry goes to another replica or the
-  restarted server), so every in-flight request gets a complete HTTP answer;
+* a request already scoring keeps scoring; if it is not done :func:`drain_margin` (2 s) before the grace
+  period ends it is answered 503 + Retry-After instead (its work is discarded: a retry goes to another
+  replica or the restarted server), so every in-flight request gets a complete HTTP answer;
 * then uvicorn's own wait ends, the lifespan closes the grading pool, and the process exits.
 
 The grace period is the ``shutdown_grace_s`` setting; keep it below the orchestrator's kill timeout
@@ -31,13 +31,14 @@ T = TypeVar("T")
 
 
 def drain_margin(grace_s: float) -> float:
-    """Seconds before the grace period ends at which unfinished requests are answered 503: 1 s (half the
-    grace when that is shorter), time to write the answers and close the grading pool.
+    """Seconds before the grace period ends at which unfinished requests are answered 503: 2 s (half the
+    grace when that is shorter), time to write the answers, close the grading pool (0.75 s measured with
+    200 items queued on 2 workers) and exit.
 
-    >>> drain_margin(10.0), drain_margin(1.0)
-    (1.0, 0.5)
+    >>> drain_margin(20.0), drain_margin(3.0)
+    (2.0, 1.5)
     """
-    return min(1.0, grace_s / 2)
+    return min(2.0, grace_s / 2)
 
 
 class Drain:

@@ -170,7 +170,7 @@ def test_sigterm_lets_the_in_flight_batch_finish(server_factory):
 
 
 def test_sigterm_answers_503_when_the_grace_runs_out(server_factory):
-    grace = 3.0
+    grace = 4.0
     server = server_factory(shutdown_grace_s=grace, timeout=60.0)  # hanging items outlast the grace
     reply, exited_after, _ = sigterm_mid_batch(server, [hanging("h1"), hanging("h2")], grace)
     assert reply.status_code == 503, reply.text
