@@ -55,11 +55,27 @@ for n in "$nodes" "$gpus"; do [[ -z "$n" || "$n" =~ ^[1-9][0-9]*$ ]] || die "--n
 [[ -f "$runtime_env" ]] || die "runtime env not found: $runtime_env"
 
 # runtime env = launch/runtime_env.yaml + working_dir + the VLCAL_* roots of this shell
-runtime_json="$("$python_bin" - "$runtime_env" "$repo" <<'PY'
-import json, os, sys
+# the recipe travels inside working_dir: one that Ray leaves out (git-ignored, or matching the runtime env's
+# excludes) would be "no such file" on the cluster, after the queue wait
+if git -C "$repo" check-ignore -q -- "$recipe_rel" 2>/dev/null; then
+  die "--recipe $recipe_rel is git-ignored, so Ray does not ship it with the job; put it under recipes/"
+fi
+runtime_json="$("$python_bin" - "$runtime_env" "$repo" "$recipe_rel" <<'PY'
+import fnmatch, json, os, sys
 import yaml
 env = yaml.safe_load(open(sys.argv[1])) or {}
 env["working_dir"] = sys.argv[2]
+parts = sys.argv[3].split("/")
+for pattern in env.get("excludes") or []:  # gitignore syntax, as Ray reads it (the forms this file uses)
+    core, dirs = pattern.strip("/"), parts[:-1] if pattern.endswith("/") else parts
+    if pattern.startswith("/"):
+        hit = any(fnmatch.fnmatch("/".join(parts[: i + 1]), core) for i in range(len(dirs)))
+    else:
+        hit = any(fnmatch.fnmatch(name, core.removeprefix("**/")) for name in dirs)
+    if hit:
+        print(f"submit.sh: --recipe {sys.argv[3]} matches {pattern!r} in {sys.argv[1]}'s excludes, so "
+              "Ray does not ship it with the job; put it under recipes/", file=sys.stderr)
+        sys.exit(2)
 for key in ("VLCAL_DATA_DIR", "VLCAL_MODEL_DIR", "VLCAL_CKPT_DIR", "TENSORBOARD_DIR"):
     if os.environ.get(key):
         env.setdefault("env_vars", {})[key] = os.environ[key]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -184,3 +185,31 @@ def test_hydra_flags_with_values_pass_through():
     out = _main(["--recipe", str(RECIPE), "--cfg", "job", "--package", "vlcal.reward", "ablation=rlcr"])
     assert out.returncode == 0, out.stderr[-2000:]
     assert yaml.safe_load(out.stdout.split("\n", 1)[1])["w_brier"] == 0.8  # after '# @package vlcal.reward'
+
+
+def test_submit_sh_refuses_a_recipe_ray_would_not_ship(tmp_path):
+    """The job's working_dir is the repository as Ray packs it: a git-ignored recipe, or one matching
+    the runtime env's excludes, would be "no such file" on the cluster after the queue wait."""
+    submit = [str(ROOT / "launch" / "submit.sh"), "--dry-run", "--recipe"]
+    env_file = tmp_path / "runtime_env.yaml"
+    env_file.write_text("excludes:\n  - /recipes/qwen3_vl_8b.yaml\n  - '**/__pycache__/'\n")
+    env = {**os.environ, "VLCAL_RUNTIME_ENV": str(env_file), "VLCAL_PYTHON": sys.executable}
+    out = subprocess.run(
+        [*submit, "recipes/qwen3_vl_8b.yaml"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 2, out.stderr
+    assert "matches '/recipes/qwen3_vl_8b.yaml'" in out.stderr and "does not ship it" in out.stderr
+    out = subprocess.run(
+        [*submit, "recipes/qwen3_vl_4b.yaml"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "--recipe recipes/qwen3_vl_4b.yaml" in out.stdout, out.stderr
+    ignored = ROOT / "runs" / f"zz_submit_test_{os.getpid()}.yaml"  # runs/ is git-ignored
+    ignored.parent.mkdir(exist_ok=True)
+    shutil.copy(RECIPE, ignored)
+    try:
+        out = subprocess.run(
+            [*submit, str(ignored.relative_to(ROOT))], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+    finally:
+        ignored.unlink()
+    assert out.returncode == 2 and "is git-ignored" in out.stderr, out.stderr
