@@ -64,7 +64,7 @@ def write_step_rows(
     data = tq.kv_batch_get(
         keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_info", "responses"]
     )
-    infos = [getattr(i, "data", i) for i in data["extra_info"].tolist()]
+    infos = [getattr(i, "data", i) for i in list(data["extra_info"])]  # NonTensorData rows, as in the trainer
     texts = [tokenizer.decode(r.cpu().tolist(), skip_special_tokens=True) for r in data["responses"].unbind()]
     valid = [not tag.get("is_padding", False) for tag in batch.tags]
     uids = [i.get("uid") if isinstance(i, Mapping) else None for i in infos]
