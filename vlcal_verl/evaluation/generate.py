@@ -29,6 +29,7 @@ class GenerationSettings:
     batch_size: int = 16
     seed: int = 0
     protocol: str = "decoupled"
+    sampler: str = "cdf"  # HF backend, no top-k: "cdf" (fast) or "sorted" (the earlier path); hf_generate
 
 
 def load_hf_model(name: str):
@@ -137,6 +138,7 @@ def generate_hf(model, processor, items: Sequence[Any], settings: GenerationSett
                 top_k=settings.top_k,
                 top_p=settings.top_p,
                 generator=gen,
+                sampler_method=settings.sampler,
             )
             for row, mask, text in zip(ro.responses, ro.response_mask, ro.texts, strict=True):
                 ids = row[: int(mask.sum())].tolist()

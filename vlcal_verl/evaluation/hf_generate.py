@@ -7,6 +7,12 @@ Two CPU-specific choices:
   ``generate`` runs in greedy mode. HF's own sampler calls ``torch.multinomial`` over the full 152k Qwen
   vocabulary, which costs ~0.1 s per token for 32 rows on two cores; top-k first is ~40x cheaper.
   The seeded generator also makes rollouts reproducible across ``--resume``.
+- Without a top-k cut, the default ``"cdf"`` method draws from the full vocabulary by inverse CDF and
+  keeps a draw only if it lies in the top-p nucleus (:func:`sample_nucleus`): no sort. The ``"sorted"``
+  method (the earlier one) sorts candidates until they hold the nucleus; a near-flat distribution (a
+  random or badly calibrated model) needs the whole 152k vocabulary sorted at every step, which was ~75%
+  of ``vlcal eval``'s time on the tiny model. Both draw from the same distribution; their random streams
+  differ, so sampled texts differ for one seed (greedy decoding is identical).
 - Log-probabilities apply the LM head to *response positions only* (the prompt's ~300 positions never
   need [tokens × 152k] logits) via the model's decoder (``model.model``) and ``model.lm_head``.
 """
@@ -25,6 +31,7 @@ IMAGE_TOKEN_NAMES = (
     "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
     "<img>", "</img>", "<IMG_CONTEXT>", "<video>",
 )  # fmt: skip
+SAMPLER_METHODS = ("cdf", "sorted")
 
 
 class TopKSampler(LogitsProcessor):
@@ -34,6 +41,8 @@ class TopKSampler(LogitsProcessor):
     ``scores`` [batch, vocab] → [batch, vocab] with 0 at the drawn token and -inf elsewhere. ``top_k`` 0
     means no top-k cut; ``top_p`` < 1 keeps the smallest set of most likely tokens whose probability
     reaches ``top_p`` (nucleus sampling, as vLLM and HF do; within the top-k when both are set).
+    ``method`` (see the module docstring) only matters without a top-k cut: ``"cdf"`` (default, fast) or
+    ``"sorted"`` (the earlier path, kept for comparison: ``benchmarks/bench_eval_speed.py``).
     """
 
     def __init__(
@@ -43,13 +52,17 @@ class TopKSampler(LogitsProcessor):
         generator: torch.Generator | None,
         suppress_ids: list[int],
         top_p: float = 1.0,
+        method: str = "cdf",
     ):
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if method not in SAMPLER_METHODS:
+            raise ValueError(f"sampler method must be one of {SAMPLER_METHODS}, got {method!r}")
         self.temperature = float(temperature)
         self.top_k = int(top_k)
         self.top_p = float(top_p)
         self.generator = generator
+        self.method = method
         self.suppress_ids = torch.tensor(sorted(set(suppress_ids)), dtype=torch.long)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -58,6 +71,8 @@ class TopKSampler(LogitsProcessor):
             scores[:, self.suppress_ids[self.suppress_ids < scores.shape[-1]]] = -float("inf")
         if self.temperature <= 0:
             choice = scores.argmax(-1, keepdim=True)
+        elif self.method == "cdf" and not 0 < self.top_k < scores.shape[-1]:
+            choice = sample_nucleus(scores.div_(self.temperature), self.top_p, self.generator)
         else:
             logits = scores / self.temperature
             if 0 < self.top_k < logits.shape[-1]:
@@ -94,6 +109,75 @@ def nucleus_candidates(logits: torch.Tensor, top_p: float, k: int = 64) -> tuple
         if k == vocab or bool(((top - lse).exp().sum(-1) >= top_p).all()):
             return top, idx
         k = min(4 * k, vocab)
+
+
+def sample_nucleus(
+    logits: torch.Tensor, top_p: float, generator: torch.Generator | None, rounds: int = 8
+) -> torch.Tensor:
+    """One token per row from the top-p nucleus of ``softmax(logits)``, without sorting: [B, V] → [B, 1].
+
+    Each round draws a token from the full distribution (:func:`inverse_cdf`, one uniform per row) and
+    keeps it when the tokens strictly more likely than it hold less than ``top_p``, i.e. when it is in the
+    nucleus: rejection sampling with the full distribution as proposal, so a kept draw is distributed as
+    the renormalised nucleus, and a row is kept with probability = its nucleus mass ≥ ``top_p``. Rows
+    still rejected after ``rounds`` rounds (likely only for a small ``top_p``) fall back to the sorted
+    candidates of :func:`nucleus_candidates`. Tokens tied with the nucleus's least likely one are all
+    kept (a sort keeps some of them, in its own order). Cost: ~4 passes over [B, V] per round, no sort.
+    """
+    probs = torch.softmax(logits, -1)
+    choice = torch.zeros(probs.shape[0], 1, dtype=torch.long, device=probs.device)
+    rows = torch.arange(probs.shape[0], device=probs.device)
+    for _ in range(rounds):
+        p = probs if len(rows) == probs.shape[0] else probs[rows]
+        frac = torch.rand(len(rows), 1, generator=generator, dtype=torch.float64, device=p.device)
+        idx = inverse_cdf(p, frac)
+        if top_p < 1.0:
+            ok = torch.where(p > p.gather(-1, idx), p, 0.0).sum(-1) < top_p
+        else:
+            ok = torch.ones(len(rows), dtype=torch.bool, device=p.device)
+        choice[rows[ok]] = idx[ok]
+        rows = rows[~ok]
+        if not len(rows):
+            return choice
+    top, idx = nucleus_candidates(logits[rows], top_p)
+    kept = (top - logits[rows].logsumexp(-1, keepdim=True)).exp()
+    kept = kept.masked_fill(kept.cumsum(-1) - kept >= top_p, 0.0)
+    choice[rows] = idx.gather(-1, torch.multinomial(kept, 1, generator=generator))
+    return choice
+
+
+def inverse_cdf(probs: torch.Tensor, frac: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """The token whose cumulative-probability interval holds ``frac`` × the row's total: [B, V], [B, 1]
+    uniforms in [0, 1) → [B, 1] token ids, token i drawn with probability probs[i] / Σ probs.
+
+    Two levels, so no [B, V] cumulative sum is written: per-block sums (float32 within a block of
+    ``block`` tokens, float64 across blocks) pick the block, then a float64 cumulative sum of that one
+    block picks the token. A single float32 cumulative sum over 152k tokens would round each token's
+    interval by up to ~1% of a typical token's probability; float64 over the whole row costs two more
+    full passes.
+    """
+    batch, vocab = probs.shape
+    block = min(block, vocab)
+    whole = vocab // block * block
+    sums = probs[:, :whole].reshape(batch, -1, block).sum(-1)
+    if whole < vocab:
+        sums = torch.cat([sums, probs[:, whole:].sum(-1, keepdim=True)], dim=-1)
+    sums = sums.double()
+    cdf = sums.cumsum(-1)
+    b = torch.searchsorted(cdf, _below(frac * cdf[:, -1:], cdf[:, -1:]), right=True)
+    mass = sums.gather(-1, b)
+    within = ((frac * cdf[:, -1:] - (cdf.gather(-1, b) - mass)) / mass).clamp_(0.0, 1.0)
+    pos = b * block + torch.arange(block, device=probs.device)
+    p_block = probs.gather(-1, pos.clamp(max=vocab - 1)).double().masked_fill_(pos >= vocab, 0.0)
+    c_block = p_block.cumsum(-1)
+    j = torch.searchsorted(c_block, _below(within * c_block[:, -1:], c_block[:, -1:]), right=True)
+    return b * block + j
+
+
+def _below(target: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``target`` capped just under ``total``: a right-sided search then lands on an interval of positive
+    width (a token or block of nonzero probability), never past the last one."""
+    return torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))
 
 
 @dataclass
@@ -156,10 +240,11 @@ def generate(
     top_k: int,
     generator: torch.Generator | None,
     top_p: float = 1.0,
+    sampler_method: str = "cdf",
 ) -> Rollouts:
     """Sample one response per prompt row (repeat rows for n rollouts) with :class:`TopKSampler`."""
     eos, pad, suppress = special_ids(processor.tokenizer)
-    sampler = TopKSampler(temperature, top_k, generator, suppress, top_p=top_p)
+    sampler = TopKSampler(temperature, top_k, generator, suppress, top_p=top_p, method=sampler_method)
     out = model.generate(
         **prompt,
         max_new_tokens=max_new_tokens,
