@@ -7,6 +7,7 @@ with ``--import-mode=importlib`` and never imported as ``tests``.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -33,11 +34,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def qwen_demo_assets(tmp_path_factory):
     """Demo data (64 train prompts, 8 held out) and a 100-step warm-started tiny Qwen3-VL, built once per
-    session for every test that runs verl's loop on it (`root/data`, `root/warm_start`; ~2 min on 2 cores)."""
+    session for every test that runs verl's loop on it (`root/data`, `root/warm_start`; ~2 min on 2 cores).
+    ``VLCAL_TEST_QWEN_ASSETS=<a root built before>`` links its data and warm start instead (by hand only)."""
     from vlcal_verl.demo.config import DemoConfig
     from vlcal_verl.demo.pipeline import prepare_assets
 
     root = tmp_path_factory.mktemp("qwen_demo_assets")
+    cached = os.environ.get("VLCAL_TEST_QWEN_ASSETS")
+    if cached:  # re-running loop tests by hand: reuse a folder this fixture built (fresh run folders)
+        for name in ("data", "warm_start"):
+            (root / name).symlink_to(Path(cached).resolve() / name)
+        return root
     cfg = DemoConfig(dir=str(root), train_size=64, eval_size=8, warm_start_steps=100)
     prepare_assets(cfg, root, {})
     return root

@@ -13,16 +13,33 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vlcal_verl.testing import recorder
 from vlcal_verl.testing.ray_local import new_ray_temp_dir, private_ray_env, stop_processes_under
 
-RUN_TIMEOUT_S = 600
+RUN_TIMEOUT_S = 1200
+"""One run's limit: 2 GRPO steps take 5–7 min alone on 2 cores, up to ~10 min beside other work."""
+LOOP_TEST_TIMEOUT_S = 2400
+"""pytest-timeout for a loop test item (its fixtures included): a warm start (2–5 min) and two runs fit
+with margin on a loaded CI machine."""
+
+
+def record_dir(metrics: Path) -> Path:
+    """Where the run that logs to ``metrics`` (``metrics-<k>.jsonl``) records (:mod:`..recorder`)."""
+    return metrics.parent / f"record-{metrics.stem.split('-')[1]}"
 
 
 def run_verl(
-    root: Path, name: str, overrides: list[str], *, recipe: Path | None = None, expect_ok: bool = True
+    root: Path,
+    name: str,
+    overrides: list[str],
+    *,
+    recipe: Path | None = None,
+    expect_ok: bool = True,
+    record: bool = False,
 ) -> tuple[Path, Path, str]:
     """One run under ``root/name``; returns (metrics jsonl, checkpoint dir, output). With ``expect_ok`` a
-    non-zero exit fails with the log tail."""
+    non-zero exit fails with the log tail; with ``record`` the trainer and workers record what they hand
+    each other under :func:`record_dir` (:mod:`vlcal_verl.testing.recorder`)."""
     from vlcal_verl.commands.train import DEFAULT_RECIPE
 
     out = root / name
@@ -36,6 +53,9 @@ def run_verl(
         f"+ray_kwargs.ray_init._temp_dir={temp}", f"hydra.run.dir={out / 'hydra'}", *overrides,
     ]  # fmt: skip
     env = private_ray_env() | {"VERL_FILE_LOGGER_PATH": str(metrics)}
+    env.pop(recorder.ENV, None)
+    if record:
+        env[recorder.ENV] = str(record_dir(metrics))
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     finally:

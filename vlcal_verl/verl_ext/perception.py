@@ -73,9 +73,25 @@ def perception_policy_loss(
     finally:
         info.clear()
         info.update(saved)
+    _record(old_log_prob, log_prob, advantages, response_mask, mask, kept_tokens, saved, loss, config)
     n_resp = float(response_mask.bool().sum())
     metrics["actor/perception_token_fraction"] = float(mask.sum()) / n_resp if n_resp else 0.0
     return loss, metrics
+
+
+def _record(old_log_prob, log_prob, advantages, response_mask, kept, kept_tokens, info, loss, config) -> None:
+    """The loop tests' recorder (:mod:`vlcal_verl.testing.recorder`; a no-op in real runs): one
+    micro-batch's inputs and loss, so a test can recompute the loss by hand."""
+    from vlcal_verl.testing import recorder
+
+    if recorder.enabled():
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        clip = {k: config.get(k) for k in ("clip_ratio", "clip_ratio_low", "clip_ratio_high", "clip_ratio_c")}
+        recorder.record(
+            "policy_loss", rank=rank, old_log_prob=old_log_prob, log_prob=log_prob, advantages=advantages,
+            response_mask=response_mask, kept=kept, kept_tokens=kept_tokens, batch_info=dict(info),
+            loss=loss, clip=clip,
+        )  # fmt: skip
 
 
 def register_perception_loss() -> str:

@@ -35,6 +35,7 @@ from verl.workers.utils.padding import response_to_nested
 
 from vlcal_verl.config import VLCalConfig
 from vlcal_verl.spans import vision_token_spans
+from vlcal_verl.testing import recorder
 from vlcal_verl.token_signals import k3_clamped, perception_mask, tar_token_signals, vce_token_signals
 from vlcal_verl.verl_ext.batch import (
     calibration_step_metrics,
@@ -52,6 +53,11 @@ EXACT_FIELDS = ("vce_kl", "vce_entropy")
 """TransferQueue fields written by ``compute_vce``, response-aligned: log p_masked(y_t) always; the
 full-vocabulary KL_t and H_t with the ``exact`` estimator."""
 _ACTOR_ROLES = (Role.Actor, Role.ActorRollout, Role.ActorRolloutRef)
+# what the loop tests' recorder keeps (vlcal_verl.testing.recorder; off unless VLCAL_TEST_RECORD_DIR is set)
+_ROW_IDS = ("uid", "session_id")
+_VCE_RECORD = (*_ROW_IDS, "response_mask", "old_log_probs", MASKED_LOGP_FIELD, *EXACT_FIELDS, "entropy",
+               SPAN_FIELD, "extra_fields", PERCEPTION_FIELD)  # fmt: skip
+_ADV_RECORD = (*_ROW_IDS, "rm_scores", "response_mask")
 
 
 def vlcal_config_from(config: Any) -> VLCalConfig:
@@ -130,13 +136,16 @@ class VLCalTrainer(PPOTrainerSync):
             asked.extra_info.pop("vlcal_vce", None)
             batch.extra_info.pop("vlcal_vce", None)
         self._vlcal_calibration_metrics(batch, metrics)
+        recorder.record_batch("scores_before_vce", batch, (*_ROW_IDS, "rm_scores"), step=self.global_steps)
         if self.vlcal.vce.enabled:
             timing = getattr(self, "timing_raw", {})
             with marked_timer("vce", timing, color="purple"):
                 batch = self._vlcal_visual_reward(batch, metrics, run_vce=not fused)
+            recorder.record_batch("vce", batch, _VCE_RECORD, step=self.global_steps)
         return batch
 
     def _compute_advantage(self, batch, metrics: dict):
+        recorder.record_batch("advantage_in", batch, _ADV_RECORD, step=self.global_steps)
         batch = super()._compute_advantage(batch, metrics)
         if self.vlcal.tar.enabled:
             batch = self._vlcal_tar(batch, metrics)

@@ -20,6 +20,7 @@ from verl.utils.profiler import DistProfiler
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
 from vlcal_verl.config import VCEConfig
+from vlcal_verl.testing import recorder
 from vlcal_verl.vce_mask import black_pixel, black_row_for
 from vlcal_verl.verl_ext.model_config import install_dummy_vision_forward
 from vlcal_verl.verl_ext.nested import dense_rows, renest_position_ids
@@ -127,9 +128,17 @@ class VLCalTrainingWorker(TrainingWorker):
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="train"), blocking=False)
     def train_batch(self, data: TensorDict) -> TensorDict | None:
+        kept = None
         if PERCEPTION_FIELD in data:
             kept = kept_tokens_of(data, self.engine.get_data_parallel_group())
             tu.assign_non_tensor(data, **{PERCEPTION_TOKENS_KEY: kept})
+        if recorder.enabled():  # the loop tests: what the actor's update reads (off in real runs)
+            fields = ("advantages", "response_mask", "old_log_probs", PERCEPTION_FIELD)
+            recorder.record(
+                "actor_batch", rank=self.engine.get_data_parallel_rank(), kept_global=kept,
+                uid=tu.get(data, "uid"), session_id=tu.get(data, "session_id"),
+                **{k: data[k] for k in fields if k in data},
+            )  # fmt: skip
         return super().train_batch(data)
 
     def infer_batch(self, data: TensorDict, *args: Any, **kwargs: Any) -> TensorDict | None:
@@ -167,6 +176,18 @@ class VLCalActorRolloutRefWorker(ActorRolloutRefWorker):
     def _patch_size(self, cfg: VCEConfig) -> int | None:
         model_config = self._model_config()
         return patch_size_of(model_config) if needs_patch_size(model_config, cfg) else None
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def load_checkpoint(self, local_path, hdfs_path=None, del_local_after_load=False):
+        """verl's; with the loop tests' recorder on, this rank's weights and optimizer state as loaded."""
+        out = super().load_checkpoint(local_path, hdfs_path, del_local_after_load)
+        if recorder.enabled():
+            engine = self.actor.engine
+            recorder.record(
+                "actor_after_load", path=str(local_path), rank=engine.get_data_parallel_rank(),
+                model=engine.module.state_dict(), optimizer=engine.optimizer.state_dict(),
+            )  # fmt: skip
+        return out
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
     def compute_log_prob(self, data: TensorDict) -> TensorDict | None:
