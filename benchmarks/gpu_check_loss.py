@@ -47,7 +47,7 @@ def actor_config():
 def loss_inputs(ctx):
     """(micro-batch, current log-probs flat over the packed sequence) on the CPU."""
     import torch
-    from gpu_check import response_part
+    from gpu_check_numerics import response_part
     from tensordict import TensorDict
     from verl.utils import tensordict_utils as tu
 
@@ -93,7 +93,7 @@ def run_loss(config, data, flat, device):
 
     from vlcal_verl.verl_ext.perception import with_perception_mask
 
-    lp = flat.to(device).requires_grad_(True)
+    lp = flat.detach().to(device, copy=True).requires_grad_(True)  # a leaf on each side: .grad is kept
     loss_fn = with_perception_mask(
         lambda model_output, data, dp_group=None: ppo_loss(config, model_output, data)
     )
