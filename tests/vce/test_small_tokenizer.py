@@ -228,7 +228,7 @@ def test_benchmark_reads_verl_timing_metrics(tmp_path, monkeypatch):
     summary = bench.summarize(steps)
     assert summary["step"] == pytest.approx(13.0) and summary["step 1"] == 60.0
     assert summary["generation"] == pytest.approx(4.0) and summary["rest"] == pytest.approx(1.5)
-    assert summary["vce (inside old log-prob)"] == pytest.approx(1.5)
+    assert summary["driver-side VCE (part of old log-prob)"] == pytest.approx(1.5)
     assert summary["prompt_length/mean"] == pytest.approx(2.5)  # prompt tokens 2 and 3
     assert summary["response_length/mean"] == pytest.approx(2.5)
     table = bench.format_table({"demo": summary, "science": summary}, {"rollouts": {"demo": "4 × 4"}})
