@@ -136,6 +136,7 @@ def _add_scoring_routes(
         cfg = _reward_config(settings, request.weights)
         async with service.admit(len(request.items)):
             results = await drain.finish(service.score(request.items, cfg))
+        drain.refuse_worker_errors([r.status for r in results])
         return schemas.ScoreResponse(
             results=results,
             reward=_reward_info(cfg),
@@ -151,6 +152,7 @@ def _add_scoring_routes(
         items, methods = openrlhf.to_items(request)
         async with service.admit(len(items)):
             results = await drain.finish(service.score(items, settings.reward_config()))
+        drain.refuse_worker_errors([r.status for r in results])
         for method in methods:
             service.metrics.get_reward_splits.labels(method=method).inc()
         return openrlhf.to_response(results, methods)

@@ -12,6 +12,8 @@ takes longer than any sensible grace). So :class:`DrainingServer` also tells the
 * a request already scoring keeps scoring; if it is not done :func:`drain_margin` (2 s) before the grace
   period ends it is answered 503 + Retry-After instead (its work is discarded: a retry goes to another
   replica or the restarted server), so every in-flight request gets a complete HTTP answer;
+* results that hold items whose grading worker died while draining (the signal reached the whole process
+  group) are answered 503 + Retry-After too, never as those items graded incorrect;
 * then uvicorn's own wait ends, the lifespan closes the grading pool, and the process exits.
 
 The grace period is the ``shutdown_grace_s`` setting; keep it below the orchestrator's kill timeout
@@ -49,18 +51,27 @@ class Drain:
         self.retry_after_s = retry_after_s
         self.started_at: float | None = None
         self._expired: asyncio.Event | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def draining(self) -> bool:
         return self.started_at is not None
 
+    def mark(self) -> None:
+        """Note that shutdown started (from the signal handler: only sets a time, so it is safe there)."""
+        if self.started_at is None:
+            self.started_at = time.monotonic()
+
     def begin(self) -> None:
-        """Start draining (idempotent; call on the event loop): in-flight work is cut off at the deadline."""
-        if self.started_at is not None:
+        """Start draining (idempotent; call on the event loop): in-flight work is cut off at the deadline,
+        counted from :meth:`mark`."""
+        self.mark()
+        if self._timer is not None:
             return
-        self.started_at = time.monotonic()
+        assert self.started_at is not None
+        deadline = self.started_at + self.grace_s - drain_margin(self.grace_s)
         loop = asyncio.get_running_loop()
-        loop.call_later(max(0.0, self.grace_s - drain_margin(self.grace_s)), self._event().set)
+        self._timer = loop.call_later(max(0.0, deadline - time.monotonic()), self._event().set)
 
     def _event(self) -> asyncio.Event:
         if self._expired is None:
@@ -91,12 +102,24 @@ class Drain:
         task.cancel()
         raise self.error(f"this request was not finished within the {self.grace_s:g} s grace period")
 
+    def refuse_worker_errors(self, statuses: list[str]) -> None:
+        """503 instead of results with ``error`` items while draining: a SIGTERM sent to the whole process
+        group (a terminal, ``kill -TERM -PGID``, systemd's default KillMode) also kills the grading workers,
+        and their items would come back graded incorrect — a wrong reward — rather than retried."""
+        if self.draining and "error" in statuses:
+            raise self.error("grading workers were stopped by the shutdown signal")
+
 
 def draining_server(config: Any, drain: Drain) -> Any:
-    """A ``uvicorn.Server`` that starts ``drain`` when its shutdown starts (after SIGTERM/SIGINT)."""
+    """A ``uvicorn.Server`` that marks ``drain`` in its signal handler (before a grading worker killed by
+    the same signal can report back) and starts it when its shutdown starts (the next 0.1 s tick)."""
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            drain.mark()
+            super().handle_exit(sig, frame)
+
         async def shutdown(self, sockets: Any = None) -> None:
             drain.begin()
             await super().shutdown(sockets)

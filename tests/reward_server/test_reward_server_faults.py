@@ -134,13 +134,19 @@ def test_overload_is_503_with_retry_after(server):
         assert metric(http, "vlcal_rs_overload_rejections_total") >= 1
 
 
-def sigterm_mid_batch(server, items: list[dict], grace_s: float) -> tuple[httpx.Response, float, bool]:
-    """POST ``items``, SIGTERM the server process once they are in flight; return (the reply, seconds from
-    SIGTERM to the process's exit, whether a new connection was refused meanwhile)."""
+def sigterm_mid_batch(
+    server, items: list[dict], grace_s: float, group: bool = False
+) -> tuple[httpx.Response, float, bool]:
+    """POST ``items``, SIGTERM the server process (``group``: its whole process group, grading workers
+    included) once they are in flight; return (the reply, seconds from SIGTERM to the process's exit,
+    whether a new connection was refused meanwhile)."""
     thread, out = post_in_thread(server, {"items": items})
     with server.client() as http:
         wait_until(lambda: metric(http, "vlcal_rs_inflight_items") == len(items), "the batch in flight")
-    os.kill(server.process.pid, signal.SIGTERM)  # the server process only, as Kubernetes and docker do
+    if group:  # a terminal's Ctrl-C, kill -TERM -PGID
+        os.killpg(server.process.pid, signal.SIGTERM)
+    else:  # the server process only, as Kubernetes and docker do
+        os.kill(server.process.pid, signal.SIGTERM)
     sent = time.monotonic()
     refused = False
     while time.monotonic() - sent < grace_s and not refused:
@@ -176,4 +182,16 @@ def test_sigterm_answers_503_when_the_grace_runs_out(server_factory):
     assert reply.status_code == 503, reply.text
     assert reply.headers["Retry-After"] == "1"
     assert reply.json()["detail"][0]["type"] == "shutting_down"
+    assert exited_after < grace, f"exited {exited_after:.1f} s after SIGTERM (grace {grace} s)"
+
+
+def test_sigterm_to_the_process_group_never_answers_killed_grades_as_rewards(server_factory):
+    """The signal also kills the grading workers: their items would be graded incorrect (status error),
+    a wrong reward; the batch is answered 503 + Retry-After instead, to be retried elsewhere."""
+    grace = 8.0
+    server = server_factory(shutdown_grace_s=grace, timeout=60.0)
+    reply, exited_after, _ = sigterm_mid_batch(server, [hanging("h1"), good("a")], grace, group=True)
+    assert reply.status_code == 503, reply.text
+    assert reply.headers["Retry-After"] == "1"
+    assert "grading workers were stopped" in reply.json()["detail"][0]["msg"]
     assert exited_after < grace, f"exited {exited_after:.1f} s after SIGTERM (grace {grace} s)"
