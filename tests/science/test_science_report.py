@@ -111,9 +111,11 @@ BASELINE = metrics(0.6, 0.22, 0.65, 0.21, 0.93, 0.55, 0.02)
 
 def test_table_columns_cells_and_targets_met(tmp_path):
     run = stub_run(tmp_path, GOOD_FULL, BASELINE)
+    (run / "run.json").write_text(json.dumps({"recipe": "r.yaml", "overrides": ["a=1"]}), encoding="utf-8")
     s = write_report(run, ScienceConfig(svis_last_steps=2), [0])
     assert s["columns"] == list(COLUMNS)
     md = (run / "report.md").read_text(encoding="utf-8")
+    assert "UTC: `r.yaml` a=1" in md
     assert "| | ACC | ECE | AUROC(Φ) | Brier | parse rate | AUROC(c_v, visual) | no-image gap c_v |" in md
     full_row = next(line for line in md.splitlines() if line.startswith("| full method |"))
     # ECE with its interval, parse 0.95 of 100 with Wilson's [0.8883, 0.9785], no-image gap with its own

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,12 @@ def markdown(s: dict[str, Any], pngs: list[Path]) -> str:
     seeds = s["seeds"]
     how = "value [95% interval]" if len(seeds) == 1 else f"mean ± std over seeds {seeds}"
     lines = ["# VL-Calibration science run", "", f"Held-out easy-vqa items; {how}.", ""]
+    run = s.get("run") or {}
+    if run:
+        lines += [
+            f"Run of {run.get('date_utc')} UTC: `{run.get('recipe')}` {' '.join(run.get('overrides', []))}",
+            "",
+        ]
     lines += ["| | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
     for key in ("warm_start", BASELINE, FULL):
         lines.append(f"| {ROW_LABELS[key]} | " + " | ".join(_cell(s["rows"][key][c]) for c in COLUMNS) + " |")
@@ -301,6 +308,11 @@ def write_report(
 
     s = build(out, sc, seeds)
     s["timings"] = dict(timings or {})
+    manifest = out / "run.json"
+    s["run"] = {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        **(_read_json(manifest) if manifest.exists() else {}),
+    }
     pngs = plot_curves(out, seeds)
     md = markdown(s, pngs)
     (out / "science.json").write_text(json.dumps(s, indent=2), encoding="utf-8")
