@@ -115,7 +115,7 @@ def test_sampled_eval_is_reproducible_per_seed_and_seed_dependent():
 def test_benchmark_script_prints_both_paths_with_consistent_ratios():
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_eval_speed.py"), "--limit", "2", "--batch-size", "2",
-         "--max-new-tokens", "3", "--rounds", "1", "--threads", "1"],
+         "--max-new-tokens", "3", "--rounds", "1", "--configs", "sorted:1,cdf:auto"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
@@ -123,6 +123,7 @@ def test_benchmark_script_prints_both_paths_with_consistent_ratios():
     header, body = [h.strip() for h in rows[0]], {r[0].strip(): [c.strip() for c in r[1:]] for r in rows[1:]}
     assert header[:4] == ["sampler", "threads", "median s", "items/s (median)"]
     assert list(body) == ["sorted (baseline)", "cdf"]
+    assert body["sorted (baseline)"][0] == "1" and body["cdf"][0] == "auto (1)"  # tiny model: 1 thread
     base = float(body["sorted (baseline)"][1])
     for row in body.values():
         secs, rate, ratio = float(row[1]), float(row[2]), float(row[4])
@@ -138,9 +139,39 @@ def test_benchmark_script_prints_both_paths_with_consistent_ratios():
     assert float(body["sorted (baseline)"][4]) == 1.0
 
 
-def test_benchmark_script_refuses_a_zero_limit():
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--limit", "0"), ("--configs", "fast:1"), ("--configs", "cdf:0"), ("--configs", "cdf:x")],
+)
+def test_benchmark_script_refuses_bad_arguments_in_one_line(flag, value):
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_eval_speed.py"), "--limit", "0"],
+        [sys.executable, str(ROOT / "benchmarks" / "bench_eval_speed.py"), flag, value],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert out.returncode == 2 and "--limit" in out.stderr
+    assert out.returncode == 2 and flag in out.stderr.splitlines()[-1]
+
+
+def test_generation_threads_one_for_a_tiny_model_and_restored_after():
+    from vlcal_verl.data.easy_vqa import load_easy_vqa
+    from vlcal_verl.evaluation.generate import (
+        GenerationSettings,
+        generate_hf,
+        generation_threads,
+        load_hf_model,
+    )
+
+    model, processor = load_hf_model("tiny:qwen3-vl")
+    assert sum(p.numel() for p in model.parameters()) < 100_000_000 and generation_threads(model) == 1
+    seen = []
+    hook = model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    try:
+        settings = GenerationSettings(max_new_tokens=2, temperature=0.0, batch_size=1)
+        generate_hf(model, processor, load_easy_vqa("test", limit=1, seed=0), settings)
+        assert set(seen) == {1} and torch.get_num_threads() == before
+        seen.clear()
+        generate_hf(model, processor, load_easy_vqa("test", limit=1, seed=0), GenerationSettings(
+            max_new_tokens=2, temperature=0.0, batch_size=1, threads=2))  # fmt: skip
+        assert set(seen) == {2} and torch.get_num_threads() == before
+    finally:
+        hook.remove()
