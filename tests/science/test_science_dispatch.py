@@ -38,6 +38,13 @@ def test_science_recipe_goes_to_the_science_pipeline_with_seeds(calls, tmp_path)
     assert calls == [("science", SCIENCE, out, ["a.b=1"], {"seeds": 3, "resume": False})]
 
 
+def test_default_out_follows_the_recipe(calls, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", str(SCIENCE)]) == 0
+    assert main(["train", "--config", str(DEMO)]) == 0
+    assert [(c[0], c[2]) for c in calls] == [("science", Path("runs/science")), ("demo", Path("runs/demo"))]
+
+
 def test_demo_recipe_still_goes_to_the_demo(calls, tmp_path):
     assert main(["train", "--config", str(DEMO), "--out", str(tmp_path / "d")]) == 0
     assert [c[0] for c in calls] == ["demo"]

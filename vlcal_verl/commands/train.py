@@ -23,7 +23,12 @@ DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny_cpu.yam
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=DEFAULT_RECIPE, help="recipe YAML with a demo: block")
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (demo.dir)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (demo.dir; default runs/demo, science recipes runs/science)",
+    )
     parser.add_argument(
         "--resume", action="store_true", help="continue verl's run from its latest checkpoint"
     )
@@ -95,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         why = "must be >= 1" if science else f"needs a recipe with a science: block, {args.config} has none"
         print(f"vlcal train: --seeds {seeds}: {why}", file=sys.stderr)
         return 2
+    if args.out is None:
+        args.out = Path("runs/science" if science else "runs/demo")
     try:
         if science:
             from vlcal_verl.science.pipeline import run_science
