@@ -87,20 +87,21 @@ def test_sampler_methods_keep_suppression_seed_and_top_k_path():
         TopKSampler(0.7, 0, None, [], method="fast")
 
 
-def _tiny_eval(temperature: float, method: str, seed: int = 0):
+def _tiny_eval(temperature: float, method: str, seed: int = 0, threads: int | None = None):
     from vlcal_verl.data.easy_vqa import load_easy_vqa
     from vlcal_verl.evaluation.generate import GenerationSettings, generate_hf, load_hf_model
 
     model, processor = load_hf_model("tiny:qwen3-vl")
     items = load_easy_vqa("test", limit=3, seed=0) + load_easy_vqa("test", limit=2, seed=0, unanswerable=True)
     settings = GenerationSettings(
-        max_new_tokens=12, temperature=temperature, batch_size=3, seed=seed, sampler=method
+        max_new_tokens=12, temperature=temperature, batch_size=3, seed=seed, sampler=method, threads=threads
     )
     return generate_hf(model, processor, items, settings)
 
 
 def test_greedy_eval_is_token_identical_between_the_fast_and_sorted_paths():
-    fast, old = _tiny_eval(0.0, "cdf"), _tiny_eval(0.0, "sorted")
+    """The earlier path as it ran (sorted sampler, torch's default threads) against today's (auto: 1)."""
+    fast, old = _tiny_eval(0.0, "cdf"), _tiny_eval(0.0, "sorted", threads=torch.get_num_threads())
     assert [g.token_ids for g in fast] == [g.token_ids for g in old]
     assert [g.text for g in fast] == [g.text for g in old]
     assert all(len(g.token_ids) == 12 for g in fast)  # a random model never ends its turn

