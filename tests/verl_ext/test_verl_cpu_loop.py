@@ -13,15 +13,22 @@ started stopped afterwards).
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from vlcal_verl.commands.train import DEFAULT_RECIPE
-from vlcal_verl.testing.verl_loop import finite, run_verl, steps_of
+from vlcal_verl.testing import recorder
+from vlcal_verl.testing.verl_loop import LOOP_TEST_TIMEOUT_S, finite, record_dir, run_verl, steps_of
+from vlcal_verl.verl_ext.perception import PERCEPTION_FIELD
+from vlcal_verl.verl_ext.trainer import MASKED_LOGP_FIELD
+from vlcal_verl.verl_ext.vce_engine import SPAN_FIELD
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(LOOP_TEST_TIMEOUT_S)]
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +37,26 @@ def assets(qwen_demo_assets):
     return qwen_demo_assets
 
 
-def test_two_grpo_steps_checkpoint_and_resume(assets):
-    overrides = ["trainer.total_training_steps=2", "trainer.save_freq=2"]
-    metrics, ckpt, _ = run_verl(assets, "main", overrides)
-    steps = steps_of(metrics)
+@pytest.fixture(scope="module")
+def main_run(assets):
+    """Two GRPO steps of the default (authors') variant, checkpoint at step 2; the recorder on."""
+    metrics, ckpt, log = run_verl(
+        assets, "main", ["trainer.total_training_steps=2", "trainer.save_freq=2"], record=True
+    )
+    return SimpleNamespace(steps=steps_of(metrics), ckpt=ckpt, log=log, record=record_dir(metrics))
+
+
+@pytest.fixture(scope="module")
+def resumed_run(assets, main_run):
+    """The same run continued to step 3 from its global_step_2 checkpoint."""
+    metrics, _, log = run_verl(
+        assets, "main", ["trainer.total_training_steps=3", "trainer.save_freq=3"], record=True
+    )
+    return SimpleNamespace(steps=steps_of(metrics), log=log, record=record_dir(metrics))
+
+
+def test_two_grpo_steps_and_checkpoint(main_run):
+    steps = main_run.steps
     assert [s["step"] for s in steps] == [1, 2]
     for s in steps:
         m = s["data"]
@@ -41,31 +64,249 @@ def test_two_grpo_steps_checkpoint_and_resume(assets):
             assert finite(m.get(key)), (key, m.get(key))
         # rollout log-probs (HF server) agree with verl's actor recomputation
         assert m["training/rollout_probs_diff_max"] < 2e-3  # measured 4e-4 (fp32 both sides)
+        assert finite(m["actor/pg_loss"]) and finite(m["actor/kl_loss"])
     with_spans = [s["data"] for s in steps if s["data"]["vce/span_rate"] > 0]
     assert with_spans, "no step had vision spans: the warm start did not teach the protocol"
     m = with_spans[0]
     for key in ("vce/k_bar/mean", "vce/h_bar/mean", "vce/s/mean", "vce/s_tilde/mean", "tar/weight_mean"):
         assert finite(m.get(key)), (key, m.get(key))
     assert m["vce/k_bar/mean"] > 0  # the masked image changed the policy: images reached the actor
-    assert 0.9 - 1e-6 <= m["tar/weight_min"] <= m["tar/weight_max"] <= 1.1 + 1e-6
-    assert any(s["data"]["tar/reweighted_fraction"] > 0 for s in steps)
-    # the default is the authors' run: the perception filter keeps ⌈20 %⌉ of each response's tokens for
-    # the policy-gradient loss inside verl's actor loss (1/n above 0.2 at most, responses ≤ 96 tokens)
-    for s in steps:
-        frac = s["data"]["actor/perception_token_fraction"]
-        assert 0.2 - 1e-6 <= frac <= 0.2 + 0.25, frac  # ⌈0.2·n⌉/n: 0.25 for a 4-token response
-        assert s["data"]["vce/perception_token_fraction"] == pytest.approx(frac, abs=0.05)
-        assert finite(s["data"]["actor/pg_loss"]) and finite(s["data"]["actor/kl_loss"])
-    assert any(s["data"]["critic/advantages/max"] > s["data"]["critic/advantages/min"] for s in steps)
-    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
-    hf = ckpt / "global_step_2" / "actor" / "huggingface"
+    assert (main_run.ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    hf = main_run.ckpt / "global_step_2" / "actor" / "huggingface"
     assert (hf / "config.json").exists() and list(hf.glob("*.safetensors"))
 
-    # resume: verl continues at step 3 with the data order of an uninterrupted run
-    metrics3, _, log = run_verl(assets, "main", ["trainer.total_training_steps=3", "trainer.save_freq=3"])
-    assert [s["step"] for s in steps_of(metrics3)] == [3]
-    assert "global_step_2" in log  # it loaded the checkpoint
+
+def test_resume_continues_with_the_data_order(assets, resumed_run):
+    """verl continues at step 3 with the data order of an uninterrupted run."""
+    assert [s["step"] for s in resumed_run.steps] == [3]
+    assert "global_step_2" in resumed_run.log  # it loaded the checkpoint
     assert step_questions(assets / "main" / "dump" / "3.jsonl", assets) == expected_batch(assets, step=3)
+
+
+# ---- effect: each VL-Calibration signal changes what verl trains on (read from the recorder) -------------
+# The expectations below are recomputed here, in float64, from the raw per-token fields the run recorded
+# (old and masked log-probs, spans, c_v, rm_scores): the authors' formulas (vlcal_trainer.yaml and
+# variant/authors.yaml), not this package's functions.
+W_VIS, TOP_FRACTION, TAR_W = 0.4, 0.2, (0.9, 1.1)
+
+
+def _by_step(records: list[dict]) -> dict[int, dict]:
+    return {int(r["step"]): r for r in records}
+
+
+def _k3_clamped(old: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """clamp(e^d − d − 1, 0, 10), d = clamp(log p_masked − log p_old, ±20)."""
+    d = (masked.double() - old.double()).clamp(-20, 20)
+    return (d.exp() - d - 1).clamp(0, 10)
+
+
+def _span(row: dict, n: int) -> torch.Tensor:
+    """Bool [n]: the row's vision-span tokens ([start, end), (−1, −1) = none)."""
+    start, end = (int(x) for x in row[SPAN_FIELD].reshape(-1)[:2])
+    pos = torch.arange(n)
+    return (pos >= start) & (pos < end) & (start >= 0)
+
+
+def _s_tilde(vce_rows: dict) -> dict:
+    """S̃_vis per rollout, the authors' VCE: K_t = p·clamp(log p − log p_masked, ±20) ∈ [0, 10], H_t = −log p,
+    S = log(mean_V K + ε) − log(mean_V H + ε), S̃ = sigmoid of S z-scored over the batch (population std)."""
+    s = {}
+    for key, row in vce_rows.items():
+        lo, lm = row["old_log_probs"].double(), row[MASKED_LOGP_FIELD].double()
+        span = _span(row, len(lo))
+        if span.any():
+            k = (lo.exp() * (lo - lm).clamp(-20, 20)).clamp(0, 10)[span].mean()
+            s[key] = math.log(float(k) + 1e-8) - math.log(float(-lo[span].mean()) + 1e-8)
+    values = torch.tensor(list(s.values()), dtype=torch.float64)
+    z = (values - values.mean()) / values.std(unbiased=False)
+    return dict(zip(s, torch.sigmoid(z).tolist(), strict=True))
+
+
+def _c_v(row: dict) -> float | None:
+    info = (row["extra_fields"] or {}).get("reward_extra_info", {}) or {}
+    return info.get("vision_confidence")
+
+
+def test_visual_term_reaches_the_rewards_of_the_advantage_step(main_run):
+    """Per rollout, verl's advantage step reads rm_scores = the reward before VCE + w_vis·(−(c_v − S̃_vis)²)
+    (−w_vis when c_v or the span is missing) on the last response token, and nothing else changed."""
+    before = _by_step(recorder.load(main_run.record, "scores_before_vce"))
+    vce = _by_step(recorder.load(main_run.record, "vce"))
+    adv_in = _by_step(recorder.load(main_run.record, "advantage_in"))
+    assert sorted(before) == sorted(vce) == sorted(adv_in) == [1, 2]
+    checked = 0
+    for step, m in ((s["step"], s["data"]) for s in main_run.steps):
+        rows_before = recorder.by_row(before[step], ["rm_scores"])
+        rows_vce = recorder.by_row(
+            vce[step], ["old_log_probs", MASKED_LOGP_FIELD, SPAN_FIELD, "extra_fields"]
+        )
+        rows_after = recorder.by_row(adv_in[step], ["rm_scores"])
+        assert set(rows_before) == set(rows_vce) == set(rows_after) and len(rows_after) == 16
+        s_tilde = _s_tilde(rows_vce)
+        terms = []
+        for key, row in rows_after.items():
+            old, new = rows_before[key]["rm_scores"].double(), row["rm_scores"].double()
+            c_v, s = _c_v(rows_vce[key]), s_tilde.get(key)
+            term = -1.0 if c_v is None or s is None else -((c_v - s) ** 2)
+            terms.append(term)
+            want = old.clone()
+            want[-1] += W_VIS * term
+            assert torch.allclose(new, want, atol=1e-5), (step, key, new[-1].item(), want[-1].item())
+            checked += c_v is not None and s is not None
+        assert m["vce/visual_term_mean"] == pytest.approx(sum(terms) / len(terms), abs=1e-5)
+    assert checked > 0, "no rollout had both c_v and a vision span: the term was only ever the penalty"
+
+
+def _grpo(rows: dict) -> dict:
+    """verl's GRPO outcome advantage per rollout: (R − mean_group) / (std_group + 1e-6), unbiased std."""
+    score = {k: float(r["rm_scores"].double().sum()) for k, r in rows.items()}
+    groups: dict[str, list[float]] = {}
+    for (uid, _), v in score.items():
+        groups.setdefault(uid, []).append(v)
+    out = {}
+    for key, v in score.items():
+        g = torch.tensor(groups[key[0]], dtype=torch.float64)
+        mean, std = (g.mean(), g.std()) if len(g) > 1 else (torch.tensor(0.0), torch.tensor(1.0))
+        out[key] = float((v - mean) / (std + 1e-6))
+    return out
+
+
+def _tar_weights(old: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """The authors' TAR weights over a whole response: s_t = log(k3_t + ε) − log(−log p_t + ε), z-scored
+    with the unbiased std, w_t = w_max − (w_max − w_min)·sigmoid(z_t)."""
+    s = torch.log(_k3_clamped(old, masked) + 1e-8) - torch.log(-old.double() + 1e-8)
+    std = s.std() if len(s) > 1 else torch.tensor(0.0)
+    z = (s - s.mean()) / std if std >= 1e-6 else torch.zeros_like(s)
+    return TAR_W[1] - (TAR_W[1] - TAR_W[0]) * torch.sigmoid(z)
+
+
+def _actor_rows(record: Path) -> dict[int, dict]:
+    """What the actor's update read, per step: the mini-batch rows of both ranks (one mini-batch a step
+    here), in the order the ranks recorded them."""
+    by_rank: dict[int, list[dict]] = {}
+    for rec in recorder.load(record, "actor_batch"):
+        by_rank.setdefault(int(rec["rank"]), []).append(rec)
+    assert sorted(by_rank) == [0, 1] and all(len(v) == 2 for v in by_rank.values()), "one mini-batch a step"
+    fields = ["advantages", "response_mask", PERCEPTION_FIELD]
+    return {
+        step: {
+            "rows": {k: v for r in (0, 1) for k, v in recorder.by_row(by_rank[r][step - 1], fields).items()},
+            "records": [by_rank[r][step - 1] for r in (0, 1)],
+        }
+        for step in (1, 2)
+    }
+
+
+def test_actor_update_reads_grpo_times_tar_weights(main_run):
+    """The advantages the actor's update reads = GRPO's (by hand, from the rewards verl's advantage step
+    read) × TAR's weights on vision-span tokens with A < 0, GRPO's elsewhere."""
+    adv_in = _by_step(recorder.load(main_run.record, "advantage_in"))
+    vce = _by_step(recorder.load(main_run.record, "vce"))
+    actor = _actor_rows(main_run.record)
+    reweighted = 0
+    for step in (1, 2):
+        grpo = _grpo(recorder.by_row(adv_in[step], ["rm_scores"]))
+        rows_vce = recorder.by_row(vce[step], ["old_log_probs", MASKED_LOGP_FIELD, SPAN_FIELD])
+        assert set(actor[step]["rows"]) == set(grpo)
+        for key, row in actor[step]["rows"].items():
+            got = row["advantages"].double()
+            old, masked = rows_vce[key]["old_log_probs"], rows_vce[key][MASKED_LOGP_FIELD]
+            span = _span(rows_vce[key], len(got))
+            a = torch.full_like(got, grpo[key])
+            w = _tar_weights(old, masked) if span.any() else torch.ones_like(got)
+            apply = span & (a < 0)
+            want = torch.where(apply, a * w, a)
+            assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (step, key, (got - want).abs().max())
+            reweighted += int((apply & ((w - 1).abs() > 1e-3)).sum())
+    assert reweighted > 0, "no token was reweighted: the check would pass without TAR"
+
+
+def test_perception_mask_is_each_responses_top_k3_tokens(main_run):
+    """The kept tokens the actor reads are, per response, ⌈20 %⌉ of its tokens, none with a lower clamped k3
+    KL (recomputed from the old and masked log-probs the trainer read) than any token left out."""
+    vce = _by_step(recorder.load(main_run.record, "vce"))
+    actor = _actor_rows(main_run.record)
+    for step in (1, 2):
+        rows_vce = recorder.by_row(vce[step], ["old_log_probs", MASKED_LOGP_FIELD])
+        for key, row in actor[step]["rows"].items():
+            kept = row[PERCEPTION_FIELD].bool()
+            n = len(kept)
+            assert int(row["response_mask"].sum()) == n
+            k3 = _k3_clamped(rows_vce[key]["old_log_probs"], rows_vce[key][MASKED_LOGP_FIELD])
+            assert int(kept.sum()) == (n + 4) // 5, (step, key, n)  # ⌈n/5⌉
+            if (~kept).any():
+                assert float(k3[kept].min()) >= float(k3[~kept].max()), (step, key)
+
+
+def _pg_losses(rec: dict) -> torch.Tensor:
+    """verl's dual-clip PPO per-token loss, by hand (clip (0.2, 0.3), dual clip 3)."""
+    a = rec["advantages"].double()
+    ratio = torch.exp((rec["log_prob"].double() - rec["old_log_prob"].double()).clamp(-20, 20))
+    lo, hi, c = rec["clip"]["clip_ratio_low"], rec["clip"]["clip_ratio_high"], rec["clip"]["clip_ratio_c"]
+    assert (lo, hi, c) == (0.2, 0.3, 3.0)
+    clipped = torch.maximum(-a * ratio, -a * ratio.clamp(1 - lo, 1 + hi))
+    return torch.where(a < 0, torch.minimum(-a * c, clipped), clipped)
+
+
+def test_perception_pg_loss_by_hand_with_the_global_kept_count(main_run):
+    """Each micro-batch's policy-gradient loss = Σ_kept loss_t / (kept tokens of the whole mini-batch on
+    both ranks) · dp_size — the two ranks hold different kept counts — and differs from the loss over
+    every response token."""
+    actor = _actor_rows(main_run.record)
+    losses = recorder.load(main_run.record, "policy_loss")
+    uneven = 0
+    for step in (1, 2):
+        local = [float(rec[PERCEPTION_FIELD].sum()) if isinstance(rec[PERCEPTION_FIELD], torch.Tensor)
+                 else float(sum(r.sum() for r in rec[PERCEPTION_FIELD])) for rec in actor[step]["records"]]  # fmt: skip
+        uneven += local[0] != local[1]  # measured: 135 + 129 at step 1, 136 + 136 at step 2
+        for rec in actor[step]["records"]:
+            assert rec["kept_global"] == sum(local)
+        calls = [c for c in losses if c["kept_tokens"] == sum(local)]
+        assert sorted({int(c["rank"]) for c in calls}) == [0, 1]
+        filtered = unfiltered = 0.0
+        for c in calls:
+            mask = c["response_mask"].bool()
+            kept = mask & c["kept"].bool()
+            pg, dp = _pg_losses(c), c["batch_info"]["dp_size"]
+            assert dp == 2 and c["batch_info"]["batch_num_tokens"] > sum(local)
+            want = float((pg * kept).sum()) / sum(local) * dp
+            assert float(c["loss"]) == pytest.approx(want, rel=1e-4, abs=1e-7)
+            filtered += want
+            unfiltered += float((pg * mask).sum()) / c["batch_info"]["batch_num_tokens"] * dp
+        assert sum(
+            float(c["kept"].bool().logical_and(c["response_mask"].bool()).sum()) for c in calls
+        ) == sum(local)  # every kept token of the mini-batch went through the loss once
+        assert abs(filtered - unfiltered) > 1e-4 * max(abs(unfiltered), 1e-3), (filtered, unfiltered)
+    assert uneven, "both ranks kept as many tokens at every step: the all-reduce is not exercised"
+
+
+def test_resume_restores_weights_and_adam_moments(main_run, resumed_run):
+    """After the resume's load, each rank's weights and Adam state (step, both moments) equal, tensor for
+    tensor, what verl saved at global_step_2."""
+    loaded = recorder.load(resumed_run.record, "actor_after_load")
+    assert sorted(int(r["rank"]) for r in loaded) == [0, 1]
+    folder = main_run.ckpt / "global_step_2" / "actor"
+    for rec in loaded:
+        assert Path(rec["path"]).resolve() == folder.resolve()
+        rank = int(rec["rank"])
+        saved_model = torch.load(folder / f"model_world_size_2_rank_{rank}.pt", weights_only=False)
+        saved_optim = torch.load(folder / f"optim_world_size_2_rank_{rank}.pt", weights_only=False)
+        assert set(rec["model"]) == set(saved_model)
+        for name, value in saved_model.items():
+            assert torch.equal(rec["model"][name], _local(value)), name
+        state, saved_state = rec["optimizer"]["state"], saved_optim["state"]
+        assert set(state) == set(saved_state) and saved_state
+        moments = 0
+        for idx, entry in saved_state.items():
+            assert set(state[idx]) == set(entry) >= {"step", "exp_avg", "exp_avg_sq"}, idx
+            for k, v in entry.items():
+                assert torch.equal(state[idx][k], _local(v)), (idx, k)
+            moments += int(_local(entry["exp_avg_sq"]).count_nonzero())
+        assert moments > 0, "the saved Adam moments are all zero: nothing to restore"
+
+
+def _local(value):
+    return (value.to_local() if hasattr(value, "to_local") else value).detach().cpu()
 
 
 def expected_batch(root: Path, step: int) -> Counter:
@@ -130,9 +371,11 @@ def test_two_images_equal_lengths_micro_batches_and_padded_layout(assets, two_im
     """The layouts that crashed or were never run: two images per sample; one prompt × n rollouts all cut
     at the response limit (every sample on a rank the same length); several micro-batches per rank;
     verl's padded (``use_remove_padding=false``) layout — with this project's exact variant (full-vocabulary
-    KL on a truncated masked forward, no perception filter)."""
+    KL on a truncated masked forward, no perception filter) and VCE as its own ``compute_vce`` call on the
+    actor mesh (``vlcal.vce.fused=false``) instead of inside verl's old-log-prob pass."""
     overrides = [
         "variant=exact",
+        "vlcal.vce.fused=false",
         f"data.train_files={two_image_data}",
         "data.train_batch_size=1",
         "data.max_response_length=24",
@@ -150,7 +393,8 @@ def test_two_images_equal_lengths_micro_batches_and_padded_layout(assets, two_im
     m = step["data"]
     assert m["response_length/min"] == m["response_length/max"] == 24  # equal lengths on every rank
     assert m["prompt_length/min"] == m["prompt_length/max"]  # one prompt, shared by the group
-    assert m["vce/span_rate"] > 0 and m["vce/k_bar/mean"] > 0
+    # the full-vocabulary KL came back from the separate compute_vce (the fused path times its spans apart)
+    assert m["vce/span_rate"] > 0 and m["vce/k_bar/mean"] > 0 and "vce/span_time_s" not in m
     assert finite(m["actor/pg_loss"]) and finite(m["actor/grad_norm"])
     assert "actor/perception_token_fraction" not in m and "vce/perception_token_fraction" not in m
 

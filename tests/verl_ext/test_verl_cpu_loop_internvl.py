@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from vlcal_verl.testing.verl_loop import finite, run_verl, steps_of
+from vlcal_verl.testing.verl_loop import LOOP_TEST_TIMEOUT_S, finite, run_verl, steps_of
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(LOOP_TEST_TIMEOUT_S)]
 
 INTERNVL = ["demo.model_family=internvl", "data.mm_processor_kwargs=null"]  # tiles, not Qwen's pixel budget
 
