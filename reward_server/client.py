@@ -1,4 +1,4 @@
-"""verl 0.9.1 ``custom_reward_function`` that scores through the reward server, and a plain client.
+"""verl 0.9.1 ``custom_reward_function`` that scores through the reward server.
 
 verl's reward loop (``verl/experimental/reward_loop/reward_manager/naive.py``) calls
 ``compute_score(data_source=, solution_str=, ground_truth=, extra_info=, **reward_kwargs)`` once per
@@ -15,172 +15,65 @@ verl config (Hydra overrides)::
 
 (or export ``VLCAL_REWARD_SERVER_URL`` in the Ray workers' environment instead of ``server_url``).
 
-Every call has a finite timeout; 5xx answers (503 overload included, honouring Retry-After),
-connection errors and timeouts are retried with capped exponential backoff and jitter, a bounded number
-of times; 4xx answers are the caller's fault and raise :class:`RewardServerError` at once.
+Faults (:mod:`reward_server.http_client`): bounded, logged retries with backoff, then one
+:class:`RewardServerError` line naming the URL — which fails verl's step — never a silent 0. Each reward
+dict carries the retries its request needed (:data:`CLIENT_METRIC_KEYS`); the trainer sums them into
+``reward_client/*`` step metrics with :func:`step_metrics`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import random
-import time
+import concurrent.futures
 import weakref
-from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+from reward_server.http_client import (
+    DEFAULT_URL,
+    ENV_URL,
+    TRANSPORT_OPTIONS,
+    ClientOptions,
+    ClientStats,
+    RewardClient,
+    RewardServerError,
+    retry_delay,
+)
 
-ENV_URL = "VLCAL_REWARD_SERVER_URL"
-DEFAULT_URL = "http://127.0.0.1:8000"
+__all__ = [
+    "CLIENT_METRIC_KEYS", "DEFAULT_URL", "ENV_URL", "TRANSPORT_OPTIONS", "ClientOptions", "ClientStats",
+    "RewardClient", "RewardServerError", "compute_score", "compute_score_batch", "compute_score_batch_async",
+    "json_safe", "make_item", "retry_delay", "step_metrics", "to_reward_dict",
+]  # fmt: skip
 
-
-class RewardServerError(RuntimeError):
-    """The server refused a request (4xx), kept failing (5xx/connection) or could not score an item."""
-
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass(frozen=True)
-class ClientOptions:
-    """How the client talks to the server; every field can come from verl's ``reward_kwargs``."""
-
-    server_url: str = field(default_factory=lambda: os.environ.get(ENV_URL, DEFAULT_URL))
-    """Base URL of the reward server (env ``VLCAL_REWARD_SERVER_URL``)."""
-    timeout_s: float = 120.0
-    """Per-attempt HTTP timeout (a batch waits for its slowest grading, up to the server's timeout)."""
-    max_retries: int = 5
-    """Retries after the first attempt, on 5xx / connection errors / timeouts only."""
-    backoff_s: float = 0.5
-    """First backoff; doubles per retry, with jitter, capped at ``backoff_max_s``."""
-    backoff_max_s: float = 10.0
-    batch_window_ms: float = 5.0
-    """How long compute_score waits for more concurrent calls before sending a batch."""
-    max_batch: int = 256
-    """Items per /v1/score request."""
-    w_brier: float | None = None
-    """Per-request reward weights and protocol (None = the server's defaults), as in
-    ``vlcal_verl.rewards.compute_score``'s reward_kwargs."""
-    w_fmt: float | None = None
-    w_vis: float | None = None
-    protocol: str | None = None
-    reference_parity: bool | None = None
-    """True: the authors' decouple reward (as ``compute_score(..., reference_parity=True)``)."""
-
-    @classmethod
-    def from_kwargs(cls, kwargs: dict[str, Any]) -> ClientOptions:
-        """Options from verl's ``reward_kwargs``; verl's own extra keys are ignored, typos are an error."""
-        unknown = set(kwargs) - set(cls.__dataclass_fields__) - _VERL_EXTRA_KWARGS
-        if unknown:
-            raise ValueError(
-                f"unknown reward_kwargs {sorted(unknown)} for reward_server.client; "
-                f"accepted: {sorted(cls.__dataclass_fields__)}"
-            )
-        return cls(**{k: v for k, v in kwargs.items() if k in cls.__dataclass_fields__ and v is not None})
-
-    def weights(self) -> dict[str, Any] | None:
-        chosen = {k: getattr(self, k) for k in ("w_brier", "w_fmt", "w_vis", "protocol", "reference_parity")}
-        chosen = {k: v for k, v in chosen.items() if v is not None}
-        return chosen or None
-
-
-# keyword arguments verl's naive reward manager adds when a reward model is configured (not ours)
-_VERL_EXTRA_KWARGS = frozenset({"reward_router_address", "reward_model_tokenizer"})
-
-
-def retry_delay(attempt: int, options: ClientOptions, retry_after: str | None = None) -> float:
-    """Seconds to wait before retry ``attempt`` (0-based): capped 2^attempt backoff with jitter,
-    at least the server's Retry-After when it sent one."""
-    delay = min(options.backoff_max_s, options.backoff_s * (2**attempt)) * random.uniform(0.5, 1.0)
-    if retry_after is not None:
-        with contextlib.suppress(ValueError):  # an HTTP-date Retry-After: keep our own backoff
-            delay = max(delay, min(float(retry_after), options.backoff_max_s))
-    return delay
-
-
-def _error_message(response: httpx.Response) -> str:
-    try:
-        detail = response.json().get("detail")
-    except ValueError:
-        return response.text[:500]
-    if isinstance(detail, list):
-        return "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
-    return str(detail)
-
-
-def _check(response: httpx.Response, url: str) -> dict[str, Any] | RewardServerError:
-    """The JSON body on success; raise on 4xx; return (not raise) a retryable error on 5xx."""
-    if response.status_code < 400:
-        return response.json()
-    err = RewardServerError(
-        f"POST {url} -> HTTP {response.status_code}: {_error_message(response)}", response.status_code
-    )
-    if response.status_code < 500:
-        raise err
-    return err
-
-
-class RewardClient:
-    """Async client of one reward server; reuse one per event loop (it holds a connection pool)."""
-
-    def __init__(
-        self, options: ClientOptions | None = None, transport: httpx.AsyncBaseTransport | None = None
-    ):
-        self.options = options or ClientOptions()
-        self._http = httpx.AsyncClient(
-            base_url=self.options.server_url,
-            timeout=httpx.Timeout(self.options.timeout_s, connect=min(10.0, self.options.timeout_s)),
-            transport=transport,
-        )
-
-    async def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """POST JSON with bounded retries on 5xx / transport errors; raise RewardServerError on 4xx."""
-        last: Exception | None = None
-        for attempt in range(self.options.max_retries + 1):
-            retry_after = None
-            try:
-                response = await self._http.post(path, json=payload)
-            except httpx.TransportError as err:  # connect/read errors and timeouts
-                last = err
-            else:
-                result = _check(response, f"{self.options.server_url}{path}")
-                if not isinstance(result, RewardServerError):
-                    return result
-                last, retry_after = result, response.headers.get("retry-after")
-            if attempt < self.options.max_retries:
-                await asyncio.sleep(retry_delay(attempt, self.options, retry_after))
-        raise RewardServerError(
-            f"POST {self.options.server_url}{path} failed after {self.options.max_retries + 1} attempts: {last!r}"
-        ) from last
-
-    async def score(
-        self, items: list[dict[str, Any]], weights: dict[str, Any] | None = None
-    ) -> list[dict[str, Any]]:
-        """Score items ({uid, data_source, response, ground_truth, extra_info}) → the server's results."""
-        payload: dict[str, Any] = {"items": items}
-        if weights:
-            payload["weights"] = weights
-        return (await self.post("/v1/score", payload))["results"]
-
-    async def visual_labels(self, samples: list[dict[str, Any]], **options: Any) -> list[dict[str, Any]]:
-        """S̃_vis for a whole batch: samples with kl_mean/entropy_mean or kl/entropy(/span)."""
-        return (await self.post("/v1/visual-labels", {"samples": samples, **options}))["labels"]
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
+CLIENT_METRIC_KEYS = ("reward_client_retries", "reward_client_item_retries")
+"""Extra keys of every reward dict: the retries of the request that scored the item, counted on the
+request's first item only (so a step's sum is its number of retried requests' attempts), and how many
+times this item was re-sent because the server answered it with status ``error``."""
 
 
 def to_reward_dict(result: dict[str, Any]) -> dict[str, Any]:
-    """A server result → what verl's reward manager expects: {"score": R, <component keys>}."""
+    """A server result → what verl's reward manager expects: {"score": R, <component keys>, <client keys>}."""
     if result.get("score") is None:  # a grading error still has a score (graded incorrect)
         raise RewardServerError(
             f"reward server could not score uid={result.get('uid')}: {result.get('error')}"
         )
-    return {"score": float(result["score"]), **result["components"]}
+    return {
+        "score": float(result["score"]),
+        **result["components"],
+        "reward_client_retries": int(result.get("client_retries", 0)),
+        "reward_client_item_retries": int(result.get("client_item_retries", 0)),
+    }
+
+
+def step_metrics(infos: list[dict[str, Any]]) -> dict[str, float]:
+    """``reward_client/retries`` and ``reward_client/item_retries`` of one training step, summed over its
+    samples' reward dicts (empty when the reward is computed in-process: no sample has the keys)."""
+    if not any(key in info for info in infos for key in CLIENT_METRIC_KEYS):
+        return {}
+    return {
+        f"reward_client/{key.removeprefix('reward_client_')}": float(sum(int(i.get(key) or 0) for i in infos))
+        for key in CLIENT_METRIC_KEYS
+    }
 
 
 def json_safe(value: Any, depth: int = 0) -> Any:
@@ -250,8 +143,6 @@ class _Batcher:
     async def _send(self, batch: list[tuple[dict[str, Any], asyncio.Future]]) -> None:
         try:
             results = await self.client.score([item for item, _ in batch], self.options.weights())
-            if len(results) != len(batch):
-                raise RewardServerError(f"server returned {len(results)} results for {len(batch)} items")
         except Exception as err:  # every waiting call gets the error, none hangs
             for _, future in batch:
                 if not future.done():
@@ -316,7 +207,10 @@ async def compute_score_batch_async(
     """Score a whole batch in ``max_batch``-sized requests (concurrently); same dicts as compute_score."""
     options = ClientOptions.from_kwargs(kwargs)
     items = _batch_items(data_sources, solution_strs, ground_truths, extra_infos)
-    client = _batcher(options).client
+    return await _score_chunks(_batcher(options).client, items, options)
+
+
+async def _score_chunks(client: RewardClient, items: list[dict[str, Any]], options: ClientOptions) -> list:
     chunks = [items[i : i + options.max_batch] for i in range(0, len(items), options.max_batch)]
     results = await asyncio.gather(*(client.score(chunk, options.weights()) for chunk in chunks))
     return [to_reward_dict(r) for chunk in results for r in chunk]
@@ -329,36 +223,18 @@ def compute_score_batch(
     extra_infos: list[dict[str, Any] | None] | None = None,
     **kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """Synchronous batch variant (the ``BatchRewardManager`` signature of older verl, scripts, notebooks)."""
+    """Synchronous batch variant (the ``BatchRewardManager`` signature of older verl, scripts, notebooks):
+    the async client on an event loop of its own thread, so it works under a running loop too and shares
+    the retry and item-error handling."""
     options = ClientOptions.from_kwargs(kwargs)
     items = _batch_items(data_sources, solution_strs, ground_truths, extra_infos)
-    out: list[dict[str, Any]] = []
-    with httpx.Client(base_url=options.server_url, timeout=options.timeout_s) as http:
-        for i in range(0, len(items), options.max_batch):
-            payload: dict[str, Any] = {"items": items[i : i + options.max_batch]}
-            if options.weights():
-                payload["weights"] = options.weights()
-            out.extend(to_reward_dict(r) for r in _post_sync(http, "/v1/score", payload, options)["results"])
-    return out
 
-
-def _post_sync(
-    http: httpx.Client, path: str, payload: dict[str, Any], options: ClientOptions
-) -> dict[str, Any]:
-    last: Exception | None = None
-    for attempt in range(options.max_retries + 1):
-        retry_after = None
+    async def run() -> list[dict[str, Any]]:
+        client = RewardClient(options)
         try:
-            response = http.post(path, json=payload)
-        except httpx.TransportError as err:
-            last = err
-        else:
-            result = _check(response, f"{options.server_url}{path}")
-            if not isinstance(result, RewardServerError):
-                return result
-            last, retry_after = result, response.headers.get("retry-after")
-        if attempt < options.max_retries:
-            time.sleep(retry_delay(attempt, options, retry_after))  # sync code: a blocking sleep is right
-    raise RewardServerError(
-        f"POST {options.server_url}{path} failed after {options.max_retries + 1} attempts: {last!r}"
-    ) from last
+            return await _score_chunks(client, items, options)
+        finally:
+            await client.aclose()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, run()).result()

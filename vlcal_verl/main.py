@@ -87,8 +87,13 @@ def wire_reward(config: DictConfig, vcfg: VLCalConfig) -> None:
         if vcfg.reward_server_url:
             # the client sends the weights, protocol and parity mode with every request (variant=authors
             # scores with the authors' rules on the server too); the grading timeout is the server's own
+            # the client's retry budget etc. set under reward_kwargs (max_retries=..., timeout_s=...) are kept
+            from reward_server.client import TRANSPORT_OPTIONS
+
+            given = crf.get("reward_kwargs") or {}
             crf.path, crf.name = "pkg://reward_server.client", "compute_score"
             kwargs = {k: kwargs[k] for k in SERVER_REWARD_KWARGS} | {"server_url": vcfg.reward_server_url}
+            kwargs |= {k: given[k] for k in TRANSPORT_OPTIONS if given.get(k) is not None}
         crf.reward_kwargs = kwargs
 
 

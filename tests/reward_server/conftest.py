@@ -51,8 +51,9 @@ def free_port() -> int:
 
 
 def start_server(extra_env: dict[str, str] | None = None, **limits) -> RunningServer:
-    """Start ``python -m reward_server`` with ``limits`` as flags; return once /readyz says ready."""
-    port = free_port()
+    """Start ``python -m reward_server`` with ``limits`` as flags; return once /readyz says ready.
+    ``port=`` reuses a port (a restart); a free one by default."""
+    port = limits.pop("port", None) or free_port()
     cmd = [sys.executable, "-m", "reward_server", "--host", "127.0.0.1", "--port", str(port)]
     for name, value in {**TEST_LIMITS, **limits}.items():
         cmd += ["--" + name.replace("_", "-"), str(value)]

@@ -16,6 +16,7 @@ from reward_server import client
 from vlcal_verl import rewards
 
 FAST = {"backoff_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 10.0}
+NO_RETRIES = dict.fromkeys(client.CLIENT_METRIC_KEYS, 0)
 
 
 def response(answer: str, c_v: int = 8, c_r: int = 6) -> str:
@@ -53,15 +54,15 @@ def test_async_compute_score_matches_in_process_in_one_request(server):
     got = asyncio.run(run())
     assert score_requests(server) == before + 1  # five concurrent calls, one batched request
     for (ds, s, gt, ei), out in zip(CASES, got, strict=True):
-        assert out == pytest.approx(rewards.compute_score(ds, s, gt, ei))
-        assert set(out) == set(rewards.REWARD_COMPONENT_KEYS)
+        assert out == pytest.approx({**rewards.compute_score(ds, s, gt, ei), **NO_RETRIES})
+        assert set(out) == {*rewards.REWARD_COMPONENT_KEYS, *client.CLIENT_METRIC_KEYS}
 
 
 @pytest.mark.integration
 def test_batch_variants_match_in_process(server):
     columns = [list(c) for c in zip(*CASES, strict=True)]
     weights = {"w_brier": 1.0, "w_fmt": 0.1}
-    want = [rewards.compute_score(*case, **weights) for case in CASES]
+    want = [{**rewards.compute_score(*case, **weights), **NO_RETRIES} for case in CASES]
     sync = client.compute_score_batch(*columns, server_url=server.url, max_batch=2, **weights, **FAST)
     together = asyncio.run(
         client.compute_score_batch_async(*columns, server_url=server.url, **weights, **FAST)
@@ -184,3 +185,64 @@ def test_options_from_verl_reward_kwargs(monkeypatch):
         client.ClientOptions.from_kwargs({"server_ulr": "http://typo"})
     assert client.retry_delay(10, opts) <= opts.backoff_max_s
     assert client.retry_delay(0, opts, retry_after="3") >= 3.0
+
+
+@pytest.mark.integration
+def test_item_still_answered_error_fails_loudly_after_item_retries():
+    """The real server answers a dead grading worker's item as status error *with* a score (graded
+    incorrect): re-sent item_retries times, then one line naming the server and the item, never a 0."""
+
+    def dead_worker(payload: dict) -> dict:
+        body = ok_body(payload)
+        for result in body["results"]:
+            result.update(status="error", score=-2.0)
+            result["components"]["grading_status"] = "error"
+        return body
+
+    with ScriptedServer([(200, {}, dead_worker)]) as stub:
+        with pytest.raises(client.RewardServerError) as err:
+            asyncio.run(client.compute_score("d", "s", "1", server_url=stub.url, item_retries=2, **FAST))
+        assert stub.calls == 3
+        assert str(err.value) == (
+            f"reward server {stub.url} failed: 1 of 1 items still answered status error after 2 re-sends "
+            "(item_retries=2); first: uid item#1: grading_status=error"
+        )
+
+
+@pytest.mark.integration
+def test_errored_item_resent_alone_and_counted():
+    sent: list[list[str]] = []
+
+    def first_errs(payload: dict) -> dict:
+        sent.append([it["uid"] for it in payload["items"]])
+        body = ok_body(payload)
+        if len(sent) == 1:
+            body["results"][0].update(status="error", score=None, error="grading worker died (exit code -9)")
+        return body
+
+    with ScriptedServer([(200, {}, first_errs)]) as stub:
+        out = client.compute_score_batch(["d", "d"], ["a", "b"], ["1", "1"], server_url=stub.url, **FAST)
+    assert sent == [["0", "1"], ["0"]]
+    assert [o["score"] for o in out] == [1.4, 1.4]
+    assert [o["reward_client_item_retries"] for o in out] == [1, 0]
+    assert client.step_metrics(out) == {"reward_client/retries": 0.0, "reward_client/item_retries": 1.0}
+
+
+def test_step_metrics_sum_the_samples_and_stay_off_in_process():
+    infos = [
+        {"reward_client_retries": 3, "reward_client_item_retries": 0},
+        {"reward_client_retries": 0, "reward_client_item_retries": 2},
+        {"reward_client_retries": 1, "reward_client_item_retries": 1},
+    ]
+    assert client.step_metrics(infos) == {"reward_client/retries": 4.0, "reward_client/item_retries": 3.0}
+    assert client.step_metrics([rewards.compute_score(*CASES[0])]) == {}  # in-process reward: no keys
+
+
+def test_retry_delay_is_capped_jittered_and_honours_retry_after():
+    opts = client.ClientOptions(backoff_s=0.5, backoff_max_s=4.0)
+    for attempt, nominal in [(0, 0.5), (1, 1.0), (2, 2.0), (3, 4.0), (9, 4.0)]:
+        delays = [client.retry_delay(attempt, opts) for _ in range(200)]
+        assert nominal * 0.5 <= min(delays) and max(delays) <= nominal
+    assert client.retry_delay(0, opts, retry_after="2") >= 2.0
+    assert client.retry_delay(0, opts, retry_after="60") <= 4.0  # capped at backoff_max_s
+    assert client.retry_delay(0, opts, retry_after="Wed, 21 Oct 2015 07:28:00 GMT") <= 0.5

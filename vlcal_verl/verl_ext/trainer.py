@@ -33,6 +33,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.utils.debug import marked_timer
 from verl.workers.utils.padding import response_to_nested
 
+from reward_server.client import step_metrics as reward_client_metrics
 from vlcal_verl.config import VLCalConfig
 from vlcal_verl.spans import vision_token_spans
 from vlcal_verl.testing import recorder
@@ -218,6 +219,7 @@ class VLCalTrainer(PPOTrainerSync):
         valid = self._valid_rows(batch).tolist()
         infos = [i for i, ok in zip(_reward_infos(data["extra_fields"]), valid, strict=True) if ok]
         metrics.update(calibration_step_metrics(infos))
+        metrics.update(reward_client_metrics(infos))  # reward_client/* when scored by the reward server
 
     def _vlcal_spans(self, batch):
         """Vision spans of the response ids → the ``vlcal_vision_span`` field."""
