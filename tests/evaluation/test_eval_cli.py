@@ -175,7 +175,22 @@ def test_eval_tiny_model_easy_vqa_with_gap(tmp_path):
     assert (out / "generations.jsonl").read_text().count("\n") == 32
     o = m["overall"]
     assert o["unanswerable"]["n"] == 16
-    assert o["unanswerable_gap"] == pytest.approx(o["mean_conf"] - o["unanswerable"]["mean_conf"])
+    # the gap recomputed from the generations: Φ = 2·c_v·c_r/(c_v + c_r) of each parsed response (0 when
+    # either confidence is missing), mean over the answerable rows − mean over the image-removed rows
+    from vlcal_verl.protocol import parse_response
+
+    def phi(text: str) -> float:
+        p = parse_response(text)
+        cv, cr = p.vision_confidence, p.reasoning_confidence
+        return 0.0 if cv is None or cr is None or cv + cr == 0 else 2 * cv * cr / (cv + cr)
+
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    by_kind = {
+        k: [phi(r["response"]) for r in rows if bool(r.get("unanswerable")) is k] for k in (False, True)
+    }
+    assert len(by_kind[False]) == len(by_kind[True]) == 16
+    want = sum(by_kind[False]) / 16 - sum(by_kind[True]) / 16
+    assert o["unanswerable_gap"] == pytest.approx(want, abs=1e-9)
 
 
 def test_eval_bench_all_needs_prepared_files(tmp_path, capsys):
