@@ -43,13 +43,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def time_path(model, processor, items, settings) -> float:
-    """Seconds for one ``generate_hf`` pass over ``items``."""
+def time_path(model, processor, items, settings) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) for one ``generate_hf`` pass over ``items``. On a
+    loaded machine the CPU seconds of a 1-thread run say what the wall time would be on an idle core."""
     from vlcal_verl.evaluation.generate import generate_hf
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     generate_hf(model, processor, items, settings)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def parse_configs(spec: str, default_threads: int) -> list[tuple[str, int | None]]:
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     time_path(model, processor, items[: args.batch_size], settings("cdf", None))  # warm-up (lazy inits)
-    seconds: dict[tuple[str, int | None], list[float]] = {c: [] for c in configs}
+    seconds: dict[tuple[str, int | None], list[tuple[float, float]]] = {c: [] for c in configs}
     load = [os.getloadavg()[0]]
     for _ in range(args.rounds):
         for method, threads in configs:
@@ -102,16 +103,19 @@ def main(argv: list[str] | None = None) -> None:
         f"tokens, temperature {args.temperature}, top-p {args.top_p}; {args.rounds} rounds; "
         f"load average {min(load):.1f}–{max(load):.1f} on {os.cpu_count()} CPUs; auto threads = {auto}"
     )
-    print("\n| sampler | threads | median s | items/s (median) | items/s (best) | × baseline |")
-    print("|---|---:|---:|---:|---:|---:|")
-    base = statistics.median(seconds[configs[0]])
-    for i, ((method, threads), secs) in enumerate(seconds.items()):
-        med = statistics.median(secs)
+    print(
+        "\n| sampler | threads | median s | items/s (median) | items/s (best) | × baseline | CPU s "
+        "| items per CPU s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    base = statistics.median(wall for wall, _ in seconds[configs[0]])
+    for i, ((method, threads), runs) in enumerate(seconds.items()):
+        med, cpu = statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs)
         name = method + (" (baseline)" if i == 0 else "")
         t = f"auto ({auto})" if threads is None else str(threads)
         print(
-            f"| {name} | {t} | {med:.2f} | {len(items) / med:.2f} | {len(items) / min(secs):.2f} "
-            f"| {base / med:.2f} |"
+            f"| {name} | {t} | {med:.2f} | {len(items) / med:.2f} | {len(items) / min(w for w, _ in runs):.2f} "
+            f"| {base / med:.2f} | {cpu:.2f} | {len(items) / cpu:.2f} |"
         )
 
 

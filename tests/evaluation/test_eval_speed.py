@@ -138,6 +138,9 @@ def test_benchmark_script_prints_both_paths_with_consistent_ratios():
             <= (base + 0.005) / max(secs - 0.005, 1e-9) + 0.005
         )
     assert float(body["sorted (baseline)"][4]) == 1.0
+    for row in body.values():  # process CPU seconds, and items per CPU second recomputed from them
+        cpu, per_cpu = float(row[5]), float(row[6])
+        assert cpu > 0 and 4 / (cpu + 0.005) - 0.005 <= per_cpu <= 4 / max(cpu - 0.005, 1e-9) + 0.005
 
 
 @pytest.mark.parametrize(
