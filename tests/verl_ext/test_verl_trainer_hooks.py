@@ -82,7 +82,10 @@ def _trainer(monkeypatch, vlcal: VLCalConfig, wg=None):
     monkeypatch.setattr(trainer_mod, "tq", fake)
     t = object.__new__(VLCalTrainer)
     t.vlcal = vlcal
-    t.config = OmegaConf.create({"actor_rollout_ref": {"rollout": {"temperature": 1.0}}})
+    # verl always composes trainer.rollout_data_dir (null unless set: no S̃_vis rollout dump)
+    t.config = OmegaConf.create(
+        {"actor_rollout_ref": {"rollout": {"temperature": 1.0}}, "trainer": {"rollout_data_dir": None}}
+    )
     t.tokenizer = qwen_tokenizer()
     t.timing_raw = {}
     t.actor_rollout_wg = wg
