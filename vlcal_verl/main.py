@@ -54,7 +54,7 @@ KNOWN_TOP_LEVEL_KEYS = frozenset(
         "global_profiler", "model_engine", "ray_kwargs", "reward", "reward_model", "sandbox_fusion", "skip",
         "trainer", "transfer_queue",
         # this package's
-        "vlcal", "demo", "vlcal_model_family",
+        "vlcal", "demo", "science", "vlcal_model_family",
     }
 )  # fmt: skip
 

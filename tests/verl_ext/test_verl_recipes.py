@@ -118,7 +118,7 @@ def test_exact_variant_is_one_switch():
 def test_known_top_level_keys_are_verls_plus_ours():
     with initialize_config_dir(config_dir=str(verl_config_dir()), version_base=None):
         verl_keys = set(compose(config_name="ppo_trainer").keys())
-    assert verl_keys | {"vlcal", "demo", "vlcal_model_family"} == KNOWN_TOP_LEVEL_KEYS
+    assert verl_keys | {"vlcal", "demo", "science", "vlcal_model_family"} == KNOWN_TOP_LEVEL_KEYS
 
 
 def test_moe_recipe_parallelism():

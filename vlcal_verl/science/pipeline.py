@@ -40,9 +40,6 @@ from vlcal_verl.science.config import ScienceConfig
 FULL = "full"
 BASELINE = "baseline"
 MANIFEST = "run.json"
-DROP_SCIENCE = "~science"
-"""verl's entry point knows the demo's block but not this one (its top-level key check): the child run
-gets the recipe without it."""
 
 
 def science_config_of(config: DictConfig) -> ScienceConfig:
@@ -65,7 +62,6 @@ def arm_overrides(arm: str, seed: int, run_dir: Path, sc: ScienceConfig) -> list
     """What one RL run adds to the recipe's overrides: its ablation, its folders, its seed (data order,
     rollout sampling, VCE masks — shared by both arms of a seed)."""
     return [
-        DROP_SCIENCE,
         *arms(sc)[arm],
         f"trainer.default_local_dir={run_dir / 'verl'}",
         f"trainer.rollout_data_dir={run_dir / 'rollouts'}",
