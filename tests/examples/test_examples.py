@@ -7,9 +7,12 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from vlcal_verl.testing.verl_loop import LOOP_TEST_TIMEOUT_S
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -212,14 +215,17 @@ def test_grpo_cpu_config_installs_the_setup_hook_and_eager_entropy():
 
 @pytest.mark.slow
 @pytest.mark.integration
+@pytest.mark.timeout(LOOP_TEST_TIMEOUT_S)
 def test_verl_reward_server_two_steps_on_cpu(tmp_path, qwen_demo_assets):
     """run.sh with grpo_cpu: the reward server plus two steps of verl's own GRPO loop, with verl's stock
-    trainer and worker classes, on the CPU backend."""
+    trainer and worker classes, on the CPU backend. The server scored every rollout of both steps (its
+    /metrics, read while the run goes), and the rewards verl trained on are the in-process reward of the
+    same responses."""
     from vlcal_verl.testing.ray_local import new_ray_temp_dir, stop_processes_under
 
     warm, data = qwen_demo_assets / "warm_start", qwen_demo_assets / "data"  # what `make demo` leaves
-    metrics = tmp_path / "verl-metrics.jsonl"
-    temp = new_ray_temp_dir()
+    metrics, dump = tmp_path / "verl-metrics.jsonl", tmp_path / "dump"
+    temp, port = new_ray_temp_dir(), _free_port()
     overrides = [
         f"actor_rollout_ref.model.path={warm}",
         f"data.train_files={data / 'train.parquet'}",
@@ -228,29 +234,89 @@ def test_verl_reward_server_two_steps_on_cpu(tmp_path, qwen_demo_assets):
         "actor_rollout_ref.actor.ppo_mini_batch_size=2",
         "data.max_response_length=48",
         f"trainer.default_local_dir={tmp_path / 'ckpt'}",
+        f"trainer.rollout_data_dir={dump}",
         f"+ray_kwargs.ray_init._temp_dir={temp}",
         f"hydra.run.dir={tmp_path / 'hydra'}",
     ]
+    cmd = ["bash", str(EXAMPLES / "verl_reward_server" / "run.sh"), *overrides]
+    env = {"CONFIG": "grpo_cpu", "PYTHON": sys.executable, "RS_PORT": str(port), "RS_WORKERS": "1",
+           "VERL_FILE_LOGGER_PATH": str(metrics)}  # fmt: skip
     try:
-        proc = run(
-            ["bash", str(EXAMPLES / "verl_reward_server" / "run.sh"), *overrides],
-            timeout=900,
-            CONFIG="grpo_cpu",
-            PYTHON=sys.executable,
-            RS_PORT=str(_free_port()),
-            RS_WORKERS="1",
-            VERL_FILE_LOGGER_PATH=str(metrics),
+        proc, scraped = _run_scraping(
+            cmd, env, f"http://127.0.0.1:{port}/metrics", timeout=LOOP_TEST_TIMEOUT_S - 300
         )
     finally:
         stop_processes_under(temp)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, proc.output[-6000:]
     steps = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     assert [s["step"] for s in steps] == [1, 2]
-    # the client raises when the server does not answer (no default score), so two steps mean server rewards;
-    # R of the decoupled protocol lies in [−3, 1.4]
+    # the scores verl trained on (its rollout dump, and the logged batch mean) are the in-process reward
+    statuses: Counter = Counter()
     for s in steps:
-        score = s["data"]["critic/score/mean"]
-        assert -3.0 <= score <= 1.4
+        rows = [json.loads(line) for line in (dump / f"{s['step']}.jsonl").read_text().splitlines() if line]
+        assert len(rows) == 8  # 2 prompts × 4 rollouts
+        want = [_in_process_reward(r, data / "train.parquet") for r in rows]
+        assert [r["score"] for r in rows] == pytest.approx([w["score"] for w in want], abs=1e-5)
+        assert s["data"]["critic/score/mean"] == pytest.approx(sum(w["score"] for w in want) / 8, abs=1e-5)
+        statuses.update('status="ok"' if w["parse_ok"] else 'status="parse_error"' for w in want)
+    # the server's own count (/metrics, read while the run went): the 16 rollouts of both steps, by status
+    assert _counter(scraped, "vlcal_rs_items_scored_total") == dict(statuses), scraped[-3000:]
+
+
+def _run_scraping(cmd: list[str], env: dict, url: str, timeout: float):
+    """Run ``cmd`` (as :func:`run` does) and fetch ``url`` every 2 s while it runs; (result, last page)."""
+    import threading
+    import time
+    import urllib.request
+    from types import SimpleNamespace
+
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    full_env = {**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1", **env}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.extend(proc.stdout), daemon=True)
+    reader.start()
+    last, deadline = "", time.monotonic() + timeout
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            break
+        try:
+            with urllib.request.urlopen(url, timeout=2) as page:
+                last = page.read().decode()
+        except OSError:
+            pass
+        time.sleep(2)
+    proc.wait()
+    reader.join(timeout=10)
+    return SimpleNamespace(returncode=proc.returncode, output="".join(chunks)), last
+
+
+def _counter(page: str, name: str) -> dict[str, float]:
+    """The samples of one Prometheus counter, {labels: value}."""
+    out = {}
+    for line in page.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) + 1 :].rsplit("} ", 1)
+            out[labels] = float(value)
+    return out
+
+
+def _in_process_reward(row: dict, train: Path) -> dict:
+    """vlcal's in-process reward (the server's default settings) of one dumped rollout, with the
+    extra_info (answer kind) of its training row, found by the question in the decoded prompt."""
+    import dataclasses
+
+    from reward_server.settings import ServerSettings
+    from vlcal_verl.data.schema import read_parquet
+    from vlcal_verl.rewards import compute_score
+
+    matches = [r for r in read_parquet(train) if f"\n{r['extra_info']['question']}\n" in row["input"]]
+    item = max(matches, key=lambda r: len(r["extra_info"]["question"]))
+    kwargs = dataclasses.asdict(ServerSettings().reward_config())
+    return compute_score(item["data_source"], row["output"], row["gts"], item["extra_info"], **kwargs)
 
 
 def _free_port() -> int:
