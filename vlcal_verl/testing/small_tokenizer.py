@@ -75,7 +75,6 @@ def train_small_tokenizer(texts: list[str] | None = None, vocab_size: int = SMAL
     """Train the byte-level BPE on ``texts`` (default :func:`training_corpus`) and wrap it as a
     ``PreTrainedTokenizerFast`` with Qwen's added tokens, EOS, pad and chat template."""
     from tokenizers import (
-        AddedToken,
         Regex,
         Tokenizer,
         decoders,
@@ -84,9 +83,8 @@ def train_small_tokenizer(texts: list[str] | None = None, vocab_size: int = SMAL
         pre_tokenizers,
         trainers,
     )
-    from transformers import PreTrainedTokenizerFast
 
-    from vlcal_verl.testing.tokenizer import CHAT_TEMPLATE, QWEN_ADDED_TOKENS, QWEN_PATTERN
+    from vlcal_verl.testing.tokenizer import QWEN_PATTERN, with_qwen_added_tokens
 
     if vocab_size < 257:
         raise ValueError(f"vocab_size must be > 256 (the byte alphabet), got {vocab_size}")
@@ -106,22 +104,7 @@ def train_small_tokenizer(texts: list[str] | None = None, vocab_size: int = SMAL
         show_progress=False,
     )
     backend.train_from_iterator(texts if texts is not None else training_corpus(), trainer=trainer)
-    first = backend.get_vocab_size()
-    backend.add_tokens([AddedToken(t, special=s, normalized=False) for t, s in QWEN_ADDED_TOKENS])
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        clean_up_tokenization_spaces=False,
-        model_max_length=131072,
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    for i, (t, _) in enumerate(QWEN_ADDED_TOKENS):
-        if tok.convert_tokens_to_ids(t) != first + i:
-            raise RuntimeError(
-                f"added token {t!r} got id {tok.convert_tokens_to_ids(t)}, expected {first + i}"
-            )
-    return tok
+    return with_qwen_added_tokens(backend, backend.get_vocab_size())
 
 
 @functools.lru_cache(maxsize=2)

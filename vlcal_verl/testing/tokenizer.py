@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 QWEN_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -78,13 +79,20 @@ def qwen_tokenizer():
     >>> tok.convert_ids_to_tokens(151667), tok.eos_token
     ('<think>', '<|im_end|>')
     """
-    from tokenizers import AddedToken
     from tokenizers.normalizers import NFC
-    from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     backend = TikTokenConverter(vocab_file=str(_ranks_file()), pattern=QWEN_PATTERN).converted()
     backend.normalizer = NFC()
+    return with_qwen_added_tokens(backend, FIRST_ADDED_ID)
+
+
+def with_qwen_added_tokens(backend: Any, first_id: int) -> Any:
+    """A ``tokenizers`` backend + Qwen's added tokens (in Qwen's order from ``first_id``), EOS, pad and chat
+    template, as a transformers fast tokenizer (the real Qwen tokenizer and the small BPE share it)."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
     backend.add_tokens([AddedToken(t, special=s, normalized=False) for t, s in QWEN_ADDED_TOKENS])
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -96,6 +104,6 @@ def qwen_tokenizer():
     tok.chat_template = CHAT_TEMPLATE
     for i, (t, _) in enumerate(QWEN_ADDED_TOKENS):
         got = tok.convert_tokens_to_ids(t)
-        if got != FIRST_ADDED_ID + i:
-            raise RuntimeError(f"added token {t!r} got id {got}, expected {FIRST_ADDED_ID + i}")
+        if got != first_id + i:
+            raise RuntimeError(f"added token {t!r} got id {got}, expected {first_id + i}")
     return tok
