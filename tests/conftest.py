@@ -48,3 +48,18 @@ def qwen_demo_assets(tmp_path_factory):
     cfg = DemoConfig(dir=str(root), train_size=64, eval_size=8, warm_start_steps=100)
     prepare_assets(cfg, root, {})
     return root
+
+
+@pytest.fixture(scope="session")
+def small_demo_assets(tmp_path_factory):
+    """As :func:`qwen_demo_assets`, with the small BPE tokenizer (``demo.tokenizer=small``, ~660 tokens
+    trained on the run's own text; vlcal_verl.testing.small_tokenizer): the fast setting for loop tests whose
+    subject is not the tokenizer (the cluster path, the reward-server example, the layout variants). A run
+    composes it with ``demo.tokenizer=small``."""
+    from vlcal_verl.demo.config import DemoConfig
+    from vlcal_verl.demo.pipeline import prepare_assets
+
+    root = tmp_path_factory.mktemp("small_demo_assets")
+    cfg = DemoConfig(dir=str(root), train_size=64, eval_size=8, warm_start_steps=100, tokenizer="small")
+    prepare_assets(cfg, root, {})
+    return root
