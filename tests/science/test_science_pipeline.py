@@ -19,8 +19,16 @@ def fake(monkeypatch):
     log: dict[str, list] = {"assets": [], "grpo": [], "eval": [], "report": []}
 
     def prepare_assets(dc, out, timings):
+        from vlcal_verl.data.easy_vqa import load_easy_vqa, to_verl_rows
+        from vlcal_verl.data.schema import write_parquet
+
         log["assets"].append(out)
         (out / "warm_start").mkdir(parents=True, exist_ok=True)
+        (out / "data").mkdir(parents=True, exist_ok=True)
+        if not (out / "data" / "train.parquet").exists():
+            write_parquet(
+                to_verl_rows(load_easy_vqa("train", limit=3, seed=0)), out / "data" / "train.parquet"
+            )
         return out / "warm_start", out / "data"
 
     def run_grpo(cmd, run_dir):
@@ -31,22 +39,25 @@ def fake(monkeypatch):
         (ckpt / f"global_step_{steps}" / "actor" / "huggingface" / "config.json").write_text("{}")
         (ckpt / "latest_checkpointed_iteration.txt").write_text(str(steps))
 
-    def evaluate(dc, config, model, data_dir, out, timings, key):
-        log["eval"].append((Path(model), out.name))
+    def run_vlcal_eval(model, data_dir, benches, out, *, max_new_tokens, cfg, protocol):
+        log["eval"].append((Path(model), out.name, protocol))
+        assert benches == ["easy-vqa-heldout", "easy-vqa-heldout-unanswerable"] and max_new_tokens == 96
         out.mkdir(parents=True)
         (out / "metrics.json").write_text("{}")
         (out / "generations.jsonl").write_text("")
 
     monkeypatch.setattr(pipeline, "prepare_assets", prepare_assets)
     monkeypatch.setattr(pipeline, "run_grpo", run_grpo)
-    monkeypatch.setattr(pipeline, "evaluate", evaluate)
+    monkeypatch.setattr(pipeline, "run_vlcal_eval", run_vlcal_eval)
     monkeypatch.setattr(report, "write_report", lambda out, sc, seeds, t: log["report"].append(seeds) or {})
     return log
 
 
 def test_one_warm_start_two_arms_per_seed_then_resume_skips_done_work(fake, tmp_path):
     out = tmp_path / "run"
-    pipeline.run_science(RECIPE, out, ["trainer.total_training_steps=2"], seeds=2)
+    pipeline.run_science(
+        RECIPE, out, ["trainer.total_training_steps=2", "science.baseline=decoupled"], seeds=2
+    )
     assert fake["assets"] == [out]  # one warm start
     assert len(fake["grpo"]) == 4 and fake["report"] == [[0, 1]]
     for cmd in fake["grpo"]:
@@ -63,13 +74,55 @@ def test_one_warm_start_two_arms_per_seed_then_resume_skips_done_work(fake, tmp_
     ]
     assert ["ablation=decoupled" in c for c in fake["grpo"]] == [False, True, False, True]
     assert [("data.seed=1" in c) for c in fake["grpo"]] == [False, False, True, True]
-    evaluated = [name for _, name in fake["eval"]]
+    evaluated = [name for _, name, _ in fake["eval"]]
     assert evaluated == ["warm_start", "full-seed0", "baseline-seed0", "full-seed1", "baseline-seed1"]
     assert fake["eval"][0][0] == out / "warm_start"
     assert fake["eval"][2][0] == out / "rl/baseline-seed0/verl/global_step_2/actor/huggingface"
 
-    pipeline.run_science(RECIPE, out, ["trainer.total_training_steps=2"], seeds=2, resume=True)
+    pipeline.run_science(
+        RECIPE, out, ["trainer.total_training_steps=2", "science.baseline=decoupled"], seeds=2, resume=True
+    )
     assert len(fake["grpo"]) == 4 and len(fake["eval"]) == 5  # nothing redone
+    assert {p for _, _, p in fake["eval"]} == {"decoupled"}
+    assert not (out / "data" / "train-rlcr.parquet").exists()  # only the RLCR baseline needs it
     assert len(fake["report"]) == 2
     with pytest.raises(ValueError, match="other settings"):
-        pipeline.run_science(RECIPE, out, ["trainer.total_training_steps=3"], seeds=2, resume=True)
+        pipeline.run_science(
+            RECIPE,
+            out,
+            ["trainer.total_training_steps=3", "science.baseline=decoupled"],
+            seeds=2,
+            resume=True,
+        )
+
+
+def test_rlcr_baseline_trains_on_rlcr_prompts_and_is_evaluated_under_rlcr(fake, tmp_path):
+    """The recipe's baseline: RLCR rows (same items, order, images; RLCR's prompt) for its verl run, the
+    warm start evaluated in both layouts, the RLCR run's checkpoint under --protocol rlcr."""
+    from vlcal_verl.data.schema import prompt_text, read_parquet
+
+    out = tmp_path / "run"
+    pipeline.run_science(RECIPE, out, ["trainer.total_training_steps=2"])
+    full_cmd, base_cmd = fake["grpo"]
+    assert "ablation=rlcr" in base_cmd and not any(a.startswith("ablation=") for a in full_cmd)
+    assert f"data.train_files={out / 'data' / 'train-rlcr.parquet'}" in base_cmd
+    assert not any(a.startswith("data.train_files=") for a in full_cmd)
+    assert [(name, proto) for _, name, proto in fake["eval"]] == [
+        ("warm_start", "decoupled"),
+        ("warm_start-rlcr", "rlcr"),
+        ("full-seed0", "decoupled"),
+        ("baseline-seed0", "rlcr"),
+    ]
+    src, dst = read_parquet(out / "data" / "train.parquet"), read_parquet(out / "data" / "train-rlcr.parquet")
+    assert len(dst) == len(src) == 3
+    for a, b in zip(src, dst, strict=True):
+        q = a["extra_info"]["question"]
+        assert a["prompt"][0]["content"] == prompt_text(q, "decoupled")
+        assert b["prompt"] == [{"role": "user", "content": prompt_text(q, "rlcr")}]
+        assert {k: v for k, v in a.items() if k != "prompt"} == {k: v for k, v in b.items() if k != "prompt"}
+
+
+def test_rlcr_baseline_without_rlcr_warm_start_is_refused_before_work(fake, tmp_path):
+    with pytest.raises(ValueError, match=r"needs demo\.warm_start_rlcr_fraction > 0"):
+        pipeline.run_science(RECIPE, tmp_path / "run", ["demo.warm_start_rlcr_fraction=0.0"])
+    assert fake["assets"] == [] and not (tmp_path / "run").exists()

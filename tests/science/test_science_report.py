@@ -112,7 +112,7 @@ BASELINE = metrics(0.6, 0.22, 0.65, 0.21, 0.93, 0.55, 0.02)
 def test_table_columns_cells_and_targets_met(tmp_path):
     run = stub_run(tmp_path, GOOD_FULL, BASELINE)
     (run / "run.json").write_text(json.dumps({"recipe": "r.yaml", "overrides": ["a=1"]}), encoding="utf-8")
-    s = write_report(run, ScienceConfig(svis_last_steps=2), [0])
+    s = write_report(run, ScienceConfig(baseline="decoupled", svis_last_steps=2), [0])
     assert s["columns"] == list(COLUMNS)
     md = (run / "report.md").read_text(encoding="utf-8")
     assert "UTC: `r.yaml` a=1" in md
@@ -148,7 +148,7 @@ def test_each_target_reports_not_met_with_its_numbers(tmp_path, change, failed):
     args = {"ece": 0.20, "ece_ci": [0.15, 0.25], "vis_auroc": 0.70, "gap": 0.25}
     args.update(change)
     full = metrics(0.6, args["ece"], 0.7, 0.2, 0.95, args["vis_auroc"], args["gap"], ece_ci=args["ece_ci"])
-    s = build(stub_run(tmp_path, full, BASELINE), ScienceConfig(svis_last_steps=2), [0])
+    s = build(stub_run(tmp_path, full, BASELINE), ScienceConfig(baseline="decoupled", svis_last_steps=2), [0])
     met = [t["met"] for t in s["targets"]]
     expected_failed = {failed} | ({4} if change.get("vis_auroc") == 0.55 else set())
     assert {i for i, m in enumerate(met) if not m} == expected_failed
@@ -158,7 +158,7 @@ def test_each_target_reports_not_met_with_its_numbers(tmp_path, change, failed):
 def test_svis_window_and_missing_numbers_are_not_met(tmp_path):
     full = metrics(0.6, 0.2, 0.7, 0.2, 0.95, None, None, ece_ci=[0.15, 0.25])
     run = stub_run(tmp_path, full, BASELINE)
-    s = build(run, ScienceConfig(svis_last_steps=2, target_svis_auroc=0.9), [0])
+    s = build(run, ScienceConfig(baseline="decoupled", svis_last_steps=2, target_svis_auroc=0.9), [0])
     assert [t["met"] for t in s["targets"]] == [True, False, False, False, False]  # 8/9 < 0.9; n/a ≠ met
     assert "full n/a" in s["targets"][1]["detail"]
     rows = read_rows(run / "rl/full-seed0/rollouts")  # all three steps
@@ -169,7 +169,7 @@ def test_several_seeds_give_mean_and_sample_std(tmp_path):
     stub_run(tmp_path, GOOD_FULL, BASELINE, seed=0)
     other = metrics(0.6, 0.30, 0.70, 0.20, 0.95, 0.60, 0.25, ece_ci=[0.25, 0.35])
     stub_run(tmp_path, other, BASELINE, seed=1)
-    s = build(tmp_path, ScienceConfig(svis_last_steps=2), [0, 1])
+    s = build(tmp_path, ScienceConfig(baseline="decoupled", svis_last_steps=2), [0, 1])
     ece = s["rows"]["full"]["ECE"]
     assert ece["value"] == pytest.approx(0.25) and ece["std"] == pytest.approx(math.sqrt(0.005))
     assert s["targets"][0]["met"] is False  # seed 1's upper bound 0.35 is not below 0.30
@@ -218,3 +218,57 @@ def test_rollout_rows_are_judged_from_the_vision_span():
     assert [r["visual_correct"] for r in rows] == [1, 0, None, None]
     assert [r["visual_judgment"] for r in rows] == ["correct", "wrong", "undescribed", None]
     assert [r["s_vis"] for r in rows] == [0.5, None, 0.1, 0.2] and rows[0]["step"] == 7
+
+
+def _rlcr_generations() -> tuple[list[dict], float]:
+    """An RLCR evaluation's records and the hand-computed AUROC of c for its judged think descriptions."""
+    from vlcal_verl.evaluation.visual_judge import uid_attributes
+
+    uids = [f"easy-vqa/test/{i}" for i in range(7)]
+    truth = [uid_attributes(u) for u in uids]
+
+    def other(c):
+        return "green" if c != "green" else "red"
+
+    def think(i, first, rest="So the answer is yes."):
+        return f"<think>{first} {rest}</think>\n\\boxed{{yes}}\n<analysis>a</analysis>\n<confidence>5</confidence>"
+
+    (c0, s0), (c1, s1), (c2, s2), (c3, s3), (c5, s5) = (truth[i] for i in (0, 1, 2, 3, 5))
+    recs = [
+        (uids[0], think(0, f"The image shows a {c0} {s0}."), 0.9),  # correct
+        (uids[1], think(1, f"The image shows a {c1} {s1}."), 0.4),  # correct
+        (uids[2], think(2, f"The image shows a {other(c2)} {s2}."), 0.6),  # wrong colour
+        (uids[3], think(3, f"The image shows a {other(c3)} {s3}."), 0.2),  # wrong colour
+        (uids[4], think(4, "The image shows something."), 0.99),  # undescribed: not judged
+        # only the first sentence is z_vis: the second names a colour that is not there → still correct
+        (uids[5], think(5, f"The image shows a {c5} {s5}.", f"A {other(c5)} shape is not there."), 0.7),
+        (uids[6], "\\boxed{yes}<confidence>9</confidence>", 0.1),  # no <think>: not judged
+    ]
+    out = [{"uid": u, "response": r, "confidence": c, "unanswerable": False} for u, r, c in recs]
+    out.append(
+        {"uid": uids[0] + "#unanswerable", "response": recs[0][1], "confidence": 0.0, "unanswerable": True}
+    )
+    # positives {0.9, 0.4, 0.7}, negatives {0.6, 0.2}: 5 of 6 pairs ordered
+    return out, 5 / 6
+
+
+def test_rlcr_baseline_one_confidence_stands_in_for_c_v(tmp_path):
+    """science.baseline=rlcr: the baseline's visual AUROC is its c against the judged first sentence of
+    <think>, its no-image gap is c's; the warm start's RLCR-layout evaluation adds a row."""
+    gens, auroc = _rlcr_generations()
+    base = metrics(0.6, 0.22, 0.65, 0.21, 0.93, None, None)
+    base["overall"]["no_image_gap"]["confidence"] = {"gap": 0.03, "ci95": [0.0, 0.06]}
+    run = stub_run(tmp_path, GOOD_FULL, base)
+    text = "".join(json.dumps(g) + "\n" for g in gens)
+    (run / "eval/baseline-seed0/generations.jsonl").write_text(text, encoding="utf-8")
+    _write(run / "eval/warm_start-rlcr/metrics.json", base)
+    (run / "eval/warm_start-rlcr/generations.jsonl").write_text(text, encoding="utf-8")
+    s = write_report(run, ScienceConfig(baseline="rlcr", svis_last_steps=2), [0])
+    cells = s["rows"]["baseline"]
+    assert cells["AUROC(c_v, visual)"]["value"] == pytest.approx(auroc)
+    assert cells["no-image gap c_v"] == {"value": 0.03, "ci95": [0.0, 0.06]}
+    assert s["rows"]["warm_start-rlcr"]["AUROC(c_v, visual)"]["value"] == pytest.approx(auroc)
+    # full 0.70 is not above the baseline's 5/6
+    assert s["targets"][-1]["met"] is False and "baseline 0.833" in s["targets"][-1]["detail"]
+    md = (run / "report.md").read_text(encoding="utf-8")
+    assert "| RLCR baseline (one confidence c for c_v) |" in md and "| warm start, RLCR layout" in md

@@ -42,6 +42,10 @@ class DemoConfig:
     """Targets per supervised step."""
     warm_start_lr: float = 1e-2
     """AdamW learning rate of the warm start (a tiny model from scratch needs a large one)."""
+    warm_start_rlcr_fraction: float = 0.0
+    """Share of the warm start's targets written in the RLCR baseline's layout (one ``<confidence>``) under
+    the prompt an ``ablation=rlcr`` run gives, the rest in the decoupled one; > 0 lets an RLCR run start
+    from the same warm start (the science recipe's ``science.baseline: rlcr`` needs it). 0: decoupled only."""
     eval_temperature: float = 0.6
     """Evaluation sampling temperature (the authors' validation setting; seeded, so reproducible)."""
     eval_batch_size: int = 24
@@ -55,6 +59,10 @@ class DemoConfig:
         for name in ("eval_size", "image_size", "warm_start_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"demo.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.warm_start_rlcr_fraction < 1.0:
+            raise ValueError(
+                f"demo.warm_start_rlcr_fraction must be in [0, 1), got {self.warm_start_rlcr_fraction}"
+            )
         if self.eval_temperature < 0:
             raise ValueError(f"demo.eval_temperature must be >= 0, got {self.eval_temperature}")
         if self.model_family not in FAMILIES:

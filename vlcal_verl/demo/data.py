@@ -16,6 +16,10 @@ The warm start (``warm_start.py``) therefore trains on *protocol-formatted targe
   per target. The warm start thus teaches the format and a spread-out confidence prior (so sampling at
   temperature 1 explores different confidences), but no calibration: which confidence goes with which
   question is left for the RL rewards (Brier on Φ, visual term on c_v) to teach.
+
+``rlcr_target`` writes the same content in the RLCR baseline's layout (one ``<confidence>``; z_vis and
+z_reas as the two sentences of ``<think>``): a warm start that teaches both layouts (``DemoConfig.
+warm_start_rlcr_fraction``) lets the RLCR baseline start from the very model the full method starts from.
 """
 
 from __future__ import annotations
@@ -118,6 +122,19 @@ def warm_start_target(question: str, answer: str, facts: ImageFacts, rng: random
         f"<analysis>{analysis_for(c_v, c_r)}</analysis>\n"
         f"<confidence><vision_confidence>{c_v}</vision_confidence>"
         f"<reasoning_confidence>{c_r}</reasoning_confidence></confidence>"
+    )
+
+
+def rlcr_target(question: str, answer: str, facts: ImageFacts, rng: random.Random) -> str:
+    """The same response in the RLCR layout: ``<think>`` z_vis z_reas ``</think>``, the box, an analysis and
+    one random confidence ``c`` (drawn like c_v and c_r: uninformative)."""
+    c = rng.randint(*CONFIDENCE_RANGE)
+    sure = "sure" if c >= 6 else "unsure"
+    return (
+        f"<think>{facts.describe()} {reasoning_for(question, answer, facts)}</think>\n"
+        f"\\boxed{{{answer}}}\n"
+        f"<analysis>The answer looks {sure}.</analysis>\n"
+        f"<confidence>{c}</confidence>"
     )
 
 

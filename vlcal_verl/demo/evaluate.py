@@ -34,9 +34,17 @@ CURVE_PANELS = (
 
 
 def run_vlcal_eval(
-    model_dir: Path, data_dir: Path, benches: Sequence[str], out: Path, *, max_new_tokens: int, cfg: Any
+    model_dir: Path,
+    data_dir: Path,
+    benches: Sequence[str],
+    out: Path,
+    *,
+    max_new_tokens: int,
+    cfg: Any,
+    protocol: str = "decoupled",
 ) -> dict[str, Any]:
-    """``vlcal eval --model MODEL_DIR --data-dir DATA_DIR --bench ... --out OUT``; return its metrics."""
+    """``vlcal eval --model MODEL_DIR --data-dir DATA_DIR --bench ... --out OUT --protocol PROTOCOL``;
+    return its metrics."""
     import argparse
 
     from vlcal_verl.commands import eval as eval_cmd
@@ -53,6 +61,7 @@ def run_vlcal_eval(
             "--temperature", str(cfg.eval_temperature),
             "--batch-size", str(cfg.eval_batch_size),
             "--seed", str(cfg.seed),
+            "--protocol", protocol,
         ]
     )  # fmt: skip
     if eval_cmd.run(args) != 0:

@@ -5,6 +5,11 @@ row): cross-entropy on the target tokens only, AdamW,
 gradient clipping, a learning rate decaying linearly to 10% (the phase is about a hundred steps). Batches are
 drawn in a seeded order, so the phase is reproducible; its output is the RL phase's initial policy and
 verl's reference policy (``warm_started_model`` saves it as an HF folder that verl loads).
+
+With ``rlcr_fraction`` > 0 that share of the items is taught in the RLCR baseline's layout, each with the
+prompt the RLCR run gives it (``ablation=rlcr``: one ``<confidence>``), the rest in the decoupled one: one
+model then starts both arms of the science run, each in its own protocol. 0 (the default) gives exactly
+the decoupled-only targets and batches of before.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from vlcal_verl.demo.data import image_facts, user_message, warm_start_target
+from vlcal_verl.demo.data import image_facts, rlcr_target, user_message, warm_start_target
 from vlcal_verl.evaluation.hf_generate import encode_prompts, response_logprobs, special_ids
 
 
@@ -35,12 +40,22 @@ def target_batch(tokenizer, targets: list[str]) -> tuple[torch.Tensor, torch.Ten
     return ids, mask
 
 
-def build_targets(items: list[Any], seed: int, protocol: str = "decoupled") -> list[tuple[Any, str]]:
-    """(item, target text) for every item; confidences drawn from a per-item seeded RNG."""
+def is_rlcr(index: int, fraction: float) -> bool:
+    """Item ``index`` is taught in the RLCR layout: every item where floor((i+1)·f) steps up, so exactly
+    floor(n·f) of the first n items are RLCR, spread evenly over the (already shuffled) items."""
+    return int((index + 1) * fraction) > int(index * fraction)
+
+
+def build_targets(items: list[Any], seed: int, rlcr_fraction: float = 0.0) -> list[tuple[Any, str, str]]:
+    """(item, target text, protocol) for every item; confidences drawn from a per-item seeded RNG."""
     out = []
     for i, item in enumerate(items):
         rng = random.Random(f"{seed}:{i}:{item.uid}")
-        out.append((item, warm_start_target(item.question, item.answer, image_facts(item.image), rng)))
+        facts = image_facts(item.image)
+        if is_rlcr(i, rlcr_fraction):
+            out.append((item, rlcr_target(item.question, item.answer, facts, rng), "rlcr"))
+        else:
+            out.append((item, warm_start_target(item.question, item.answer, facts, rng), "decoupled"))
     return out
 
 
@@ -55,12 +70,13 @@ def warm_start(
     weight_decay: float,
     grad_clip: float,
     seed: int,
+    rlcr_fraction: float = 0.0,
     log=None,
 ) -> list[float]:
     """Run ``steps`` supervised steps in place on ``model``; return the per-step losses."""
     if steps <= 0:
         return []
-    pairs = build_targets(items, seed)
+    pairs = build_targets(items, seed, rlcr_fraction)
     order = random.Random(seed).sample(range(len(pairs)), len(pairs))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     # linear decay to 10% of lr: the last steps settle the template instead of bouncing around it
@@ -71,9 +87,9 @@ def warm_start(
         idx = [order[(step * batch_size + j) % len(order)] for j in range(batch_size)]
         batch = [pairs[i] for i in idx]
         prompt = encode_prompts(
-            processor, [user_message(it.question) for it, _ in batch], [it.image for it, _ in batch]
+            processor, [user_message(it.question, p) for it, _, p in batch], [it.image for it, _, _ in batch]
         )
-        ids, mask = target_batch(processor.tokenizer, [t for _, t in batch])
+        ids, mask = target_batch(processor.tokenizer, [t for _, t, _ in batch])
         logp = response_logprobs(model, prompt, ids, mask)
         loss = -(logp * mask).sum() / mask.sum()
         opt.zero_grad(set_to_none=True)
@@ -114,6 +130,7 @@ def warm_started_model(cfg: Any, items: list[Any], out_dir: Path) -> Path:
         weight_decay=0.0,
         grad_clip=1.0,
         seed=cfg.seed,
+        rlcr_fraction=getattr(cfg, "warm_start_rlcr_fraction", 0.0),
     )
     if losses:
         print(f"warm start: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps", flush=True)

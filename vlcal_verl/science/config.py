@@ -12,12 +12,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-BASELINES = ("decoupled",)
-"""Baseline ablations a science run can train from the one warm start. ``decoupled`` is RLCR's reward
-(Brier on Φ + format) with c_v and c_r still stated and no VCE, TAR or visual term: the baseline's c_v
-exists, so AUROC(c_v vs visual_correct) and the no-image gap compare like with like. ``ablation=rlcr``
-(one ``<confidence>``) is refused: the warm start writes the decoupled protocol, so an RLCR run from it
-would start with nothing parsed and lose for a reason that is not the method."""
+BASELINES = ("rlcr", "decoupled")
+"""Baseline ablations a science run can train from the one warm start. ``rlcr``: the RLCR baseline as the
+paper trains it (one ``<confidence>``, Brier + format, no VCE, TAR or visual term), on the same items
+prompted in its layout; it needs a warm start that also writes that layout
+(``demo.warm_start_rlcr_fraction`` > 0). Its one confidence stands in for c_v in the report's visual
+columns. ``decoupled``: RLCR's reward with c_v and c_r still stated (no VCE, TAR or visual term), the
+closer ablation: the same protocol, only the method's extra signals removed."""
 
 
 @dataclass
@@ -27,7 +28,7 @@ class ScienceConfig:
     seeds: int = 1
     """RL runs per arm (seeds ``demo.seed``, ``demo.seed + 1``, …; the data order, rollout sampling and
     VCE masks follow the seed, both arms of one seed share them). ``vlcal train --seeds N`` sets it."""
-    baseline: str = "decoupled"
+    baseline: str = "rlcr"
     """The baseline arm's ablation (see :data:`BASELINES`); the full method is the recipe's default."""
     svis_last_steps: int = 5
     """S̃_vis agreement pools the training rollouts of the last N GRPO steps of each full-method run."""
@@ -46,8 +47,7 @@ class ScienceConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"science.{name} must be >= 1, got {getattr(self, name)}")
         if self.baseline not in BASELINES:
-            why = " (the warm start writes the decoupled protocol)" if self.baseline == "rlcr" else ""
-            raise ValueError(f"science.baseline must be one of {list(BASELINES)}, got {self.baseline!r}{why}")
+            raise ValueError(f"science.baseline must be one of {list(BASELINES)}, got {self.baseline!r}")
         if not 0.0 < self.target_ece_ratio <= 1.0:
             raise ValueError(f"science.target_ece_ratio must be in (0, 1], got {self.target_ece_ratio}")
         for name in ("target_visual_auroc", "target_svis_auroc"):

@@ -2,7 +2,8 @@
 
 The phases and where they write (everything under ``--out``):
 
-    data/, warm_start/           the demo's data and warm start (:mod:`vlcal_verl.demo`), made once
+    data/, warm_start/           the demo's data and warm start (:mod:`vlcal_verl.demo`), made once;
+                                 data/train-rlcr.parquet: the same rows prompted in the RLCR layout
     eval/warm_start/             ``vlcal eval`` of the warm start on the held-out items (+ image removed)
     rl/<arm>-seed<S>/            one verl run: verl/ (checkpoints), metrics/ (verl's file logger), logs/,
                                  rollouts/ (verl's generation dump + S̃_vis rows, :mod:`.rollouts`)
@@ -14,6 +15,9 @@ Each RL run is ``python -m vlcal_verl.main --recipe RECIPE ...`` in a child proc
 seed. ``run.json`` records the recipe and overrides: a second call with the same ones and ``--resume``
 skips what is done (a finished run, an existing evaluation) and lets verl resume an unfinished run from
 its checkpoint; anything else is refused before work starts.
+
+The RLCR baseline (``science.baseline: rlcr``) trains on ``data/train-rlcr.parquet`` (the same items in the
+same order, each prompt asking for RLCR's layout) and is evaluated with ``vlcal eval --protocol rlcr``.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vlcal_verl.demo.evaluate import run_vlcal_eval
 from vlcal_verl.demo.pipeline import (
     demo_config_of,
-    evaluate,
     grpo_command,
     latest_hf_checkpoint,
     prepare_assets,
@@ -40,6 +44,7 @@ from vlcal_verl.science.config import ScienceConfig
 FULL = "full"
 BASELINE = "baseline"
 MANIFEST = "run.json"
+RLCR_TRAIN = "train-rlcr.parquet"
 
 
 def science_config_of(config: DictConfig) -> ScienceConfig:
@@ -49,20 +54,47 @@ def science_config_of(config: DictConfig) -> ScienceConfig:
     return ScienceConfig.from_dict(OmegaConf.to_container(block, resolve=True))
 
 
-def arms(sc: ScienceConfig) -> dict[str, list[str]]:
-    """Arm name → its extra overrides: the full method is the recipe as is (the default variant)."""
-    return {FULL: [], BASELINE: [f"ablation={sc.baseline}"]}
+def arms(sc: ScienceConfig, data_dir: Path | None = None) -> dict[str, list[str]]:
+    """Arm name → its extra overrides: the full method is the recipe as is (the default variant); the RLCR
+    baseline also trains on the RLCR-prompted copy of the training rows in ``data_dir``."""
+    baseline = [f"ablation={sc.baseline}"]
+    if sc.baseline == "rlcr" and data_dir is not None:
+        baseline.append(f"data.train_files={data_dir / RLCR_TRAIN}")
+    return {FULL: [], BASELINE: baseline}
+
+
+def arm_protocol(arm: str, sc: ScienceConfig) -> str:
+    """The output protocol an arm's model writes (what its evaluation parses)."""
+    return "rlcr" if arm == BASELINE and sc.baseline == "rlcr" else "decoupled"
+
+
+def write_protocol_copy(src: Path, dst: Path, protocol: str) -> Path:
+    """``dst``: the rows of ``src`` with each prompt rebuilt for ``protocol`` from the row's question
+    (images, answers, uids and order unchanged); an existing ``dst`` is kept (``--resume``)."""
+    from vlcal_verl.data.schema import prompt_text, read_parquet, write_parquet
+
+    if dst.exists():
+        return dst
+    rows = read_parquet(src)
+    for r in rows:
+        r["prompt"] = [
+            {"role": "user", "content": prompt_text(r["extra_info"]["question"], protocol, len(r["images"]))}
+        ]
+    write_parquet(rows, dst)
+    return dst
 
 
 def run_seeds(base_seed: int, sc: ScienceConfig) -> list[int]:
     return [base_seed + i for i in range(sc.seeds)]
 
 
-def arm_overrides(arm: str, seed: int, run_dir: Path, sc: ScienceConfig) -> list[str]:
-    """What one RL run adds to the recipe's overrides: its ablation, its folders, its seed (data order,
-    rollout sampling, VCE masks — shared by both arms of a seed)."""
+def arm_overrides(
+    arm: str, seed: int, run_dir: Path, sc: ScienceConfig, data_dir: Path | None = None
+) -> list[str]:
+    """What one RL run adds to the recipe's overrides: its ablation (and the RLCR baseline's data), its
+    folders, its seed (data order, rollout sampling, VCE masks — shared by both arms of a seed)."""
     return [
-        *arms(sc)[arm],
+        *arms(sc, data_dir)[arm],
         f"trainer.default_local_dir={run_dir / 'verl'}",
         f"trainer.rollout_data_dir={run_dir / 'rollouts'}",
         f"trainer.experiment_name=science-{arm}-seed{seed}",
@@ -117,12 +149,28 @@ def rl_run(recipe: Path, overrides: list[str], run_dir: Path, total_steps: int) 
     return trained
 
 
-def evaluate_once(dc, config: DictConfig, model: Path, out: Path, *, data_dir: Path, timings: dict) -> None:
-    """``vlcal eval`` of one model into ``out`` unless a complete report is already there."""
+def evaluate_once(
+    dc, config: DictConfig, model: Path, out: Path, *, data_dir: Path, protocol: str = "decoupled"
+) -> None:
+    """``vlcal eval --protocol PROTOCOL`` of one model on the held-out items and their image-removed twins
+    into ``out``, unless a complete report is already there."""
+    from vlcal_verl.demo.data import HELDOUT
+
     if (out / "metrics.json").exists() and (out / "generations.jsonl").exists():
         print(f"[science] reusing the evaluation in {out}", flush=True)
         return
-    evaluate(dc, config, model, data_dir, out, timings, f"eval:{out.name}")
+    max_new = int(config.data.max_response_length)  # the training response length: no cut-off tags
+    benches = [HELDOUT, f"{HELDOUT}-unanswerable"]
+    run_vlcal_eval(model, data_dir, benches, out, max_new_tokens=max_new, cfg=dc, protocol=protocol)
+
+
+def check_baseline(dc, sc: ScienceConfig) -> None:
+    """The RLCR baseline needs a warm start that writes RLCR's layout too (else it starts unparsed)."""
+    if sc.baseline == "rlcr" and dc.warm_start_rlcr_fraction <= 0:
+        raise ValueError(
+            "science.baseline=rlcr needs demo.warm_start_rlcr_fraction > 0 (a warm start that also writes "
+            "the RLCR layout); or set science.baseline=decoupled"
+        )
 
 
 def run_science(
@@ -139,6 +187,7 @@ def run_science(
     dc, sc = demo_config_of(config), science_config_of(config)
     if not dc.eval_size:
         raise ValueError("demo.eval_size must be > 0 in a science run (it evaluates held-out items)")
+    check_baseline(dc, sc)
     total = int(config.trainer.total_training_steps)
     manifest = {"recipe": str(recipe), "overrides": overrides}
     check_run_dir(out, manifest, resume)
@@ -146,15 +195,21 @@ def run_science(
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     timings: dict[str, float] = {}
     warm, data_dir = _phase("data and warm start", timings, prepare_assets, dc, out, {})
+    if sc.baseline == "rlcr":
+        write_protocol_copy(data_dir / "train.parquet", data_dir / RLCR_TRAIN, "rlcr")
     seeds_run = run_seeds(dc.seed, sc)
-    evaluate_phase = functools.partial(evaluate_once, dc, config, data_dir=data_dir, timings={})
+    evaluate_phase = functools.partial(evaluate_once, dc, config, data_dir=data_dir)
     _phase("eval warm start", timings, evaluate_phase, warm, out / "eval" / "warm_start")
+    if sc.baseline == "rlcr":
+        rlcr_eval = functools.partial(evaluate_phase, protocol="rlcr")
+        _phase("eval warm start (rlcr)", timings, rlcr_eval, warm, out / "eval" / "warm_start-rlcr")
     for seed in seeds_run:
-        for arm in arms(sc):
+        for arm in arms(sc, data_dir):
             name = f"{arm}-seed{seed}"
             run_dir = out / "rl" / name
-            run_overrides = [*overrides, *arm_overrides(arm, seed, run_dir, sc)]
+            run_overrides = [*overrides, *arm_overrides(arm, seed, run_dir, sc, data_dir)]
             trained = _phase(f"RL {name}", timings, rl_run, recipe, run_overrides, run_dir, total)
-            _phase(f"eval {name}", timings, evaluate_phase, trained, out / "eval" / name)
+            arm_eval = functools.partial(evaluate_phase, protocol=arm_protocol(arm, sc))
+            _phase(f"eval {name}", timings, arm_eval, trained, out / "eval" / name)
     timings["total_s"] = time.perf_counter() - t0  # before the report, which prints them
     return _phase("report", timings, write_report, out, sc, seeds_run, timings)

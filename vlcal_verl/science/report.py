@@ -7,6 +7,10 @@ Everything is read from files the run wrote, so a stub folder with hand-made fil
   with its 95% interval (the report's bootstrap intervals; the parse rate's is Wilson's score interval,
   as ``metrics.json`` has none). Several seeds: mean ± std over the seeds' point values.
 - ``eval/warm_start/generations.jsonl``: the warm start's accuracy per attribute and question type.
+- RLCR baseline (``science.baseline: rlcr``): its one confidence c stands in for c_v — the no-image gap is
+  c's, and AUROC(c vs visual_correct) judges z_vis = the first sentence of its ``<think>`` (where its warm
+  start writes the description) with the same judge, from ``eval/baseline-seed<S>/generations.jsonl``.
+  ``eval/warm_start-rlcr/`` (the warm start prompted in RLCR's layout) adds the RLCR arm's starting row.
 - ``rl/<arm>-seed<S>/metrics/verl-*.jsonl`` (verl's file logger): reward, parse rate and ECE per step;
   ``rl/<arm>-seed<S>/rollouts/vlcal-svis-*.jsonl`` (:mod:`.rollouts`): S̃_vis agreement per step and over
   the last ``science.svis_last_steps`` steps.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import time
 from pathlib import Path
@@ -30,7 +35,17 @@ from vlcal_verl.science.pipeline import BASELINE, FULL
 from vlcal_verl.science.rollouts import agreement, per_step_agreement, read_rows
 
 COLUMNS = ("ACC", "ECE", "AUROC(Φ)", "Brier", "parse rate", "AUROC(c_v, visual)", "no-image gap c_v")
-ROW_LABELS = {"warm_start": "warm start", BASELINE: "baseline (RLCR reward, no VCE/TAR)", FULL: "full method"}
+ROW_LABELS = {
+    "warm_start": "warm start",
+    "warm_start-rlcr": "warm start, RLCR layout (c for c_v)",
+    BASELINE: "baseline (RLCR reward, no VCE/TAR)",
+    FULL: "full method",
+}
+BASELINE_LABELS = {
+    "rlcr": "RLCR baseline (one confidence c for c_v)",
+    "decoupled": "baseline (RLCR reward with c_v, c_r; no VCE/TAR)",
+}
+_THINK_RE = re.compile(r"<think>(.*?)</think>", re.S)
 CURVES = (
     ("reward", "critic/score/mean"),
     ("parse_rate", "calib/parse_rate"),
@@ -52,12 +67,48 @@ def wilson_ci(p: float, n: int, z: float = 1.959964) -> list[float] | None:
     return [centre - half, centre + half]
 
 
-def row_cells(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The table's columns of one ``metrics.json``: {column: {"value": v, "ci95": [lo, hi] | None}}."""
+def rlcr_think_description(response: str) -> str | None:
+    """z_vis of an RLCR response: the first sentence of its ``<think>`` (None without a closed block)."""
+    m = _THINK_RE.search(response or "")
+    if m is None:
+        return None
+    text = m.group(1).strip()
+    return text[: text.index(".") + 1] if "." in text else text
+
+
+def rlcr_visual(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """AUROC (ci95) of the RLCR model's one confidence c for visual_correct of its think description:
+    the records are judged as the decoupled ones (:mod:`vlcal_verl.evaluation.visual_judge`), with c as c_v."""
+    from vlcal_verl.evaluation.visual_judge import judge_item
+    from vlcal_verl.evaluation.visual_metrics import visual_block
+
+    judged = []
+    for r in records:
+        if r.get("unanswerable"):
+            continue
+        j = judge_item(r.get("uid"), rlcr_think_description(r.get("response", "")))
+        if j is not None:
+            judged.append(
+                {
+                    "visual_correct": j.visual_correct,
+                    "visual_judgment": j.status,
+                    "vision_confidence": r.get("confidence"),
+                }
+            )
+    return (visual_block(judged) or {}).get("c_v")
+
+
+def row_cells(metrics: dict[str, Any], rlcr_records: list[dict] | None = None) -> dict[str, dict[str, Any]]:
+    """The table's columns of one ``metrics.json``: {column: {"value": v, "ci95": [lo, hi] | None}}.
+    With ``rlcr_records`` (the generations of an RLCR-protocol evaluation) the visual columns use its one
+    confidence c: AUROC of c for the judged think descriptions, the no-image gap of c."""
     o = metrics.get("overall") or {}
     ci = o.get("ci95") or {}
     vis = ((o.get("visual") or {}).get("c_v")) or {}
     gap = ((o.get("no_image_gap") or {}).get("vision_confidence")) or {}
+    if rlcr_records is not None:
+        vis = rlcr_visual(rlcr_records) or {}
+        gap = ((o.get("no_image_gap") or {}).get("confidence")) or {}
     cell = {
         "ACC": (o.get("accuracy"), ci.get("accuracy")),
         "ECE": (o.get("ece"), ci.get("ece")),
@@ -181,13 +232,22 @@ def _cell(c: dict[str, Any]) -> str:
     return _n(c["value"]) + (f" [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]" if c.get("ci95") else "")
 
 
+def _eval_cells(folder: Path, rlcr: bool) -> dict[str, dict[str, Any]]:
+    """row_cells of one ``eval/<name>/`` folder (an RLCR-protocol one with its generations)."""
+    gens = _read_jsonl(folder / "generations.jsonl") if rlcr else None
+    return row_cells(_read_json(folder / "metrics.json"), gens)
+
+
 def build(out: Path, sc: ScienceConfig, seeds: list[int]) -> dict[str, Any]:
     """science.json's content from the run folder ``out`` (see the module docstring for the files)."""
+    rlcr = sc.baseline == "rlcr"
     per_seed = {
-        arm: [row_cells(_read_json(out / "eval" / f"{arm}-seed{s}" / "metrics.json")) for s in seeds]
+        arm: [_eval_cells(out / "eval" / f"{arm}-seed{s}", rlcr and arm == BASELINE) for s in seeds]
         for arm in (BASELINE, FULL)
     }
     rows = {"warm_start": row_cells(_read_json(out / "eval" / "warm_start" / "metrics.json"))}
+    if rlcr and (out / "eval" / "warm_start-rlcr" / "metrics.json").exists():
+        rows["warm_start-rlcr"] = _eval_cells(out / "eval" / "warm_start-rlcr", True)
     rows.update({arm: combine_seeds(per_seed[arm]) for arm in (BASELINE, FULL)})
     svis_blocks = [
         agreement(read_rows(out / "rl" / f"{FULL}-seed{s}" / "rollouts", sc.svis_last_steps)) for s in seeds
@@ -201,6 +261,7 @@ def build(out: Path, sc: ScienceConfig, seeds: list[int]) -> dict[str, Any]:
     gens = out / "eval" / "warm_start" / "generations.jsonl"
     return {
         "seeds": seeds,
+        "baseline": sc.baseline,
         "columns": list(COLUMNS),
         "rows": rows,
         "per_seed": per_seed,
@@ -222,8 +283,16 @@ def markdown(s: dict[str, Any], pngs: list[Path]) -> str:
             "",
         ]
     lines += ["| | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
-    for key in ("warm_start", BASELINE, FULL):
-        lines.append(f"| {ROW_LABELS[key]} | " + " | ".join(_cell(s["rows"][key][c]) for c in COLUMNS) + " |")
+    labels = {**ROW_LABELS, BASELINE: BASELINE_LABELS.get(s.get("baseline"), ROW_LABELS[BASELINE])}
+    for key in ("warm_start", "warm_start-rlcr", BASELINE, FULL):
+        if key in s["rows"]:
+            cells = " | ".join(_cell(s["rows"][key][c]) for c in COLUMNS)
+            lines.append(f"| {labels[key]} | {cells} |")
+    if s.get("baseline") == "rlcr":
+        lines += [
+            "",
+            "RLCR rows: the one confidence c stands in for c_v; z_vis is the first sentence of `<think>`.",
+        ]
     lines += ["", "## Targets (full method)", ""]
     lines += [f"- {t['name']}: **{'met' if t['met'] else 'not met'}** ({t['detail']})" for t in s["targets"]]
     sv = s["svis_agreement"]
