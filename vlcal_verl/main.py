@@ -233,6 +233,16 @@ def check_vlcal_vs_verl(config: DictConfig, vcfg: VLCalConfig) -> None:
             )
         if actor.strategy not in ("fsdp", "fsdp2"):
             raise ValueError(f"vlcal.vce runs through verl's FSDP engine; actor.strategy={actor.strategy!r}")
+    rc = config.algorithm.get("rollout_correction", None)
+    if rc is not None and rc.get("bypass_mode", False):  # verl then skips the pass that computes entropy
+        sections = (("vce", vcfg.vce), ("tar", vcfg.tar))
+        needs = [f"vlcal.{n}.entropy" for n, sec in sections if sec.enabled and sec.entropy == "distribution"]
+        if needs:
+            raise ValueError(
+                "algorithm.rollout_correction.bypass_mode=true skips verl's old-log-prob pass, which computes "
+                f"the per-token entropy that {' and '.join(k + '=distribution' for k in needs)} read: set "
+                f"{' '.join(k + '=nll' for k in needs)}, or bypass_mode=false"
+            )
 
 
 def use_cpu_backend(config: DictConfig) -> None:
@@ -243,7 +253,10 @@ def use_cpu_backend(config: DictConfig) -> None:
     from vlcal_verl.verl_ext.cpu_backend import register_cpu_backend
 
     register_cpu_backend()
-    configure_ray_init(config)
+    try:
+        configure_ray_init(config)
+    except ValueError as err:  # e.g. trainer.nnodes > 1 without a cluster to join
+        raise ConfigError(str(err)) from None
 
 
 def prepare(config: DictConfig) -> VLCalConfig:

@@ -213,3 +213,24 @@ def test_submit_sh_refuses_a_recipe_ray_would_not_ship(tmp_path):
     finally:
         ignored.unlink()
     assert out.returncode == 2 and "is git-ignored" in out.stderr, out.stderr
+
+
+def test_bypass_mode_with_distribution_entropy_is_refused_before_ray():
+    """verl's rollout-correction bypass skips the old-log-prob pass, so no per-token entropy exists: the exact
+    variant (H_t = distribution entropy for VCE and TAR) is refused in one line at ``--check`` (found by the
+    CPU loop, where the run crashed after step 1's generation); the authors' variant (H_t = −log p) passes."""
+    bypass = "algorithm.rollout_correction.bypass_mode=true"
+
+    def config_error(out: subprocess.CompletedProcess) -> str:  # after verl's import warnings
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        (line,) = [ln for ln in out.stderr.splitlines() if "[vlcal] config error" in ln]
+        return line
+
+    line = config_error(_main(["--check", "--recipe", str(RECIPE), "variant=exact", bypass]))
+    assert "bypass_mode=true" in line and "vlcal.vce.entropy=distribution" in line
+    assert "vlcal.tar.entropy=distribution" in line and "vlcal.vce.entropy=nll vlcal.tar.entropy=nll" in line
+    tar_only = ["variant=exact", "vlcal.vce.entropy=nll", bypass]
+    line = config_error(_main(["--check", "--recipe", str(RECIPE), *tar_only]))
+    assert "vlcal.tar.entropy=distribution" in line and "vlcal.vce.entropy=distribution" not in line
+    ok = _main(["--check", "--recipe", str(RECIPE), bypass])
+    assert ok.returncode == 0 and "config OK" in ok.stdout + ok.stderr, ok.stderr[-2000:]

@@ -345,7 +345,7 @@ def step_questions(dump: Path, root: Path) -> Counter:
 
 
 @pytest.fixture(scope="module")
-def two_image_data(assets):
+def two_image_data(small_demo_assets):
     """Every sample shows two images (the picture and its mirror image)."""
     from PIL import Image
 
@@ -362,20 +362,26 @@ def two_image_data(assets):
                 data_source="easy-vqa", answer_kind=it.kind, index=i, uid=it.uid,
             )
         )  # fmt: skip
-    path = assets / "two_images.parquet"
+    path = small_demo_assets / "two_images.parquet"
     write_parquet(rows, path)
     return path
 
 
-def test_two_images_equal_lengths_micro_batches_and_padded_layout(assets, two_image_data):
+def test_two_images_equal_lengths_micro_batches_and_padded_layout(small_demo_assets, two_image_data):
     """The layouts that crashed or were never run: two images per sample; one prompt × n rollouts all cut
     at the response limit (every sample on a rank the same length); several micro-batches per rank;
     verl's padded (``use_remove_padding=false``) layout — with this project's exact variant (full-vocabulary
     KL on a truncated masked forward, no perception filter) and VCE as its own ``compute_vce`` call on the
-    actor mesh (``vlcal.vce.fused=false``) instead of inside verl's old-log-prob pass."""
+    actor mesh (``vlcal.vce.fused=false``) instead of inside verl's old-log-prob pass — under verl's
+    rollout-correction bypass, which skips that pass and trains on the rollout's log-probs (so H_t is
+    −log p: the distribution entropy would come from the skipped pass; ``--check`` refuses that pairing).
+    The small tokenizer: this run's subject is the layout, not the tokenizer."""
     overrides = [
         "variant=exact",
         "vlcal.vce.fused=false",
+        "algorithm.rollout_correction.bypass_mode=true",  # verl skips the old-log-prob pass: H_t = −log p
+        "vlcal.vce.entropy=nll",
+        "vlcal.tar.entropy=nll",
         f"data.train_files={two_image_data}",
         "data.train_batch_size=1",
         "data.max_response_length=24",
@@ -388,7 +394,7 @@ def test_two_images_equal_lengths_micro_batches_and_padded_layout(assets, two_im
         "trainer.total_training_steps=1",
         "trainer.save_freq=-1",
     ]
-    metrics, _, _ = run_verl(assets, "variants", overrides)
+    metrics, _, _ = run_verl(small_demo_assets, "variants", overrides)
     (step,) = steps_of(metrics)
     m = step["data"]
     assert m["response_length/min"] == m["response_length/max"] == 24  # equal lengths on every rank
@@ -397,6 +403,8 @@ def test_two_images_equal_lengths_micro_batches_and_padded_layout(assets, two_im
     assert m["vce/span_rate"] > 0 and m["vce/k_bar/mean"] > 0 and "vce/span_time_s" not in m
     assert finite(m["actor/pg_loss"]) and finite(m["actor/grad_norm"])
     assert "actor/perception_token_fraction" not in m and "vce/perception_token_fraction" not in m
+    # bypass: verl compares rollout and recomputed log-probs only when it recomputes them (main run: it does)
+    assert not any(k.startswith("training/rollout_probs_diff") for k in m), sorted(m)
 
 
 def test_export_checkpoint_and_eval_it(assets, tmp_path):
