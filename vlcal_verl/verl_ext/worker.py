@@ -20,7 +20,7 @@ from verl.utils.profiler import DistProfiler
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
 from vlcal_verl.config import VCEConfig
-from vlcal_verl.testing import recorder
+from vlcal_verl.testing import recorder, save_hold
 from vlcal_verl.vce_mask import black_pixel, black_row_for
 from vlcal_verl.verl_ext.model_config import install_dummy_vision_forward
 from vlcal_verl.verl_ext.nested import dense_rows, renest_position_ids
@@ -187,6 +187,14 @@ class VLCalActorRolloutRefWorker(ActorRolloutRefWorker):
                 "actor_after_load", path=str(local_path), rank=engine.get_data_parallel_rank(),
                 model=engine.module.state_dict(), optimizer=engine.optimizer.state_dict(),
             )  # fmt: skip
+        return out
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def save_checkpoint(self, local_path, hdfs_path=None, global_step=0, max_ckpt_to_keep=None):
+        """verl's; the cluster tests may hold it open after this rank's files are written
+        (:mod:`vlcal_verl.testing.save_hold`, off unless its variable is set)."""
+        out = super().save_checkpoint(local_path, hdfs_path, global_step, max_ckpt_to_keep)
+        save_hold.hold_if_asked(global_step, self.actor.engine.get_data_parallel_rank())
         return out
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
