@@ -407,6 +407,26 @@ def test_two_images_equal_lengths_micro_batches_and_padded_layout(small_demo_ass
     assert not any(k.startswith("training/rollout_probs_diff") for k in m), sorted(m)
 
 
+def test_images_lost_by_a_custom_dataset_stop_the_run_at_step_1(small_demo_assets):
+    """The image guard's failure path through verl: a ``data.custom_cls`` dataset whose messages lose their
+    images (vlcal_verl.testing.datasets) would train text-only; the trainer stops before step 1's update."""
+    overrides = [
+        "data.custom_cls.path=pkg://vlcal_verl.testing.datasets",
+        "data.custom_cls.name=ImageDroppingDataset",
+        "data.train_batch_size=2",
+        "data.max_response_length=16",
+        "actor_rollout_ref.rollout.n=2",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+        "trainer.total_training_steps=1",
+        "trainer.save_freq=-1",
+    ]
+    metrics, ckpt, log = run_verl(small_demo_assets, "dropped_images", overrides, expect_ok=False)
+    assert "Using dataset class: ImageDroppingDataset" in log  # verl loaded the custom class
+    assert "the training data has images (images) but none reached the trainer" in log, log[-4000:]
+    assert not metrics.exists() or not steps_of(metrics)  # no step was logged: nothing trained text-only
+    assert not ckpt.exists() or not any(ckpt.iterdir())
+
+
 def test_export_checkpoint_and_eval_it(assets, tmp_path):
     """``vlcal export`` of the checkpoint verl's loop wrote (verl's own model merger) → an HF folder with
     the weights verl saved as ``hf_model`` beside its shards, and the processor, which ``vlcal eval`` reads."""
