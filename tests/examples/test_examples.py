@@ -216,14 +216,14 @@ def test_grpo_cpu_config_installs_the_setup_hook_and_eager_entropy():
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.timeout(LOOP_TEST_TIMEOUT_S)
-def test_verl_reward_server_two_steps_on_cpu(tmp_path, qwen_demo_assets):
+def test_verl_reward_server_two_steps_on_cpu(tmp_path, small_demo_assets):
     """run.sh with grpo_cpu: the reward server plus two steps of verl's own GRPO loop, with verl's stock
     trainer and worker classes, on the CPU backend. The server scored every rollout of both steps (its
     /metrics, read while the run goes), and the rewards verl trained on are the in-process reward of the
-    same responses."""
+    same responses. The warm start has the small tokenizer: the subject here is the reward path."""
     from vlcal_verl.testing.ray_local import new_ray_temp_dir, stop_processes_under
 
-    warm, data = qwen_demo_assets / "warm_start", qwen_demo_assets / "data"  # what `make demo` leaves
+    warm, data = small_demo_assets / "warm_start", small_demo_assets / "data"  # as `make demo` leaves them
     metrics, dump = tmp_path / "verl-metrics.jsonl", tmp_path / "dump"
     temp, port = new_ray_temp_dir(), _free_port()
     overrides = [
