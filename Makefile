@@ -21,8 +21,14 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# two tiers, the whole suite: the quick tests on TEST_WORKERS pytest-xdist workers (one file per worker, so
+# module fixtures stay shared), then the slow/integration tests (verl's loop, Ray clusters, servers) one at
+# a time: they use both cores each. Exit 5 ("no test selected", e.g. a -k that matches one tier only) is fine.
+TEST_WORKERS ?= 2
+
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not integration" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest -m "slow or integration" $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not integration" $(PYTEST_ARGS)

@@ -7,7 +7,6 @@ with ``--import-mode=importlib`` and never imported as ``tests``.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -32,30 +31,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def qwen_demo_assets(tmp_path_factory):
-    """Demo data (64 train prompts, 8 held out) and a 100-step warm-started tiny Qwen3-VL, built once per
-    session for every test that runs verl's loop on it (`root/data`, `root/warm_start`; ~2 min on 2 cores).
-    ``VLCAL_TEST_QWEN_ASSETS=<a root built before>`` links its data and warm start instead (by hand only)."""
-    from vlcal_verl.demo.config import DemoConfig
-    from vlcal_verl.demo.pipeline import prepare_assets
-
-    root = tmp_path_factory.mktemp("qwen_demo_assets")
-    cached = os.environ.get("VLCAL_TEST_QWEN_ASSETS")
-    if cached:  # re-running loop tests by hand: reuse a folder this fixture built (fresh run folders)
-        for name in ("data", "warm_start"):
-            (root / name).symlink_to(Path(cached).resolve() / name)
-        return root
-    cfg = DemoConfig(dir=str(root), train_size=64, eval_size=8, warm_start_steps=100)
-    prepare_assets(cfg, root, {})
-    return root
-
-
-@pytest.fixture(scope="session")
 def small_demo_assets(tmp_path_factory):
-    """As :func:`qwen_demo_assets`, with the small BPE tokenizer (``demo.tokenizer=small``, ~660 tokens
-    trained on the run's own text; vlcal_verl.testing.small_tokenizer): the fast setting for loop tests whose
-    subject is not the tokenizer (the cluster path, the reward-server example, the layout variants). A run
-    composes it with ``demo.tokenizer=small``."""
+    """Demo data (64 train prompts, 8 held out) and a 100-step warm-started tiny Qwen3-VL with the small BPE
+    tokenizer (``demo.tokenizer=small``: ~660 tokens trained on the run's own text, Qwen's special tokens and
+    chat template; vlcal_verl.testing.small_tokenizer), built once per session (~15 s on 2 cores) for every
+    test that runs verl's loop on Qwen-VL (`root/data`, `root/warm_start`). With Qwen's 151,936-token
+    vocabulary a verl step costs several times more (fp32 logits); the real tokenizer stays covered by the
+    InternVL loop (Qwen's tokenizer plus InternVL's image tokens), the HF rollout through Ray and the
+    tokenizer, VCE and evaluation tests."""
     from vlcal_verl.demo.config import DemoConfig
     from vlcal_verl.demo.pipeline import prepare_assets
 

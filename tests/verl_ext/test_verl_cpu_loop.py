@@ -3,8 +3,9 @@
 ``python -m vlcal_verl.main --recipe recipes/tiny_cpu.yaml`` in a child process — verl's ``run_ppo``, a
 private Ray head on 127.0.0.1, TransferQueue, two FSDP ranks on gloo, the HF rollout servers, the reward
 loop, ``compute_vce``, the reference, GRPO, TAR, the actor update, checkpoints and weight sync — on a
-warm-started tiny Qwen3-VL (so vision spans exist) and real easy-vqa images. Assertions read verl's own
-outputs: its ``file`` logger (one JSON line per step), its rollout dumps and its checkpoint folder.
+warm-started tiny Qwen3-VL (so vision spans exist; the small BPE tokenizer, for CI time) and real
+easy-vqa images. Assertions read verl's own outputs: its ``file`` logger (one JSON line per step), its
+rollout dumps and its checkpoint folder.
 
 Runs go through :func:`vlcal_verl.testing.verl_loop.run_verl` (own Ray temp dir, every process it
 started stopped afterwards).
@@ -32,9 +33,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(LOO
 
 
 @pytest.fixture(scope="module")
-def assets(qwen_demo_assets):
-    """The session's demo data and warm start (tests/conftest.py), shared by the runs below."""
-    return qwen_demo_assets
+def assets(small_demo_assets):
+    """The session's demo data and warm start (tests/conftest.py; the small tokenizer), shared by the runs."""
+    return small_demo_assets
 
 
 @pytest.fixture(scope="module")
@@ -248,12 +249,33 @@ def _pg_losses(rec: dict) -> torch.Tensor:
     return torch.where(a < 0, torch.minimum(-a * c, clipped), clipped)
 
 
+def _loss_calls_by_step(record: Path) -> dict[int, list[dict]]:
+    """The ``policy_loss`` records of each step. A rank's worker records its step's ``actor_batch`` before
+    that step's loss calls, under one process-wide counter (``<kind>-<pid>-<n>.pt``): a call belongs to the
+    step of the last ``actor_batch`` its process wrote before it (the kept counts of two steps can agree)."""
+
+    def pid_n(path: Path) -> tuple[int, int]:
+        pid, n = path.stem.split("-")[-2:]
+        return int(pid), int(n)
+
+    starts: dict[int, list[int]] = {}
+    for path in record.glob("actor_batch-*.pt"):
+        pid, n = pid_n(path)
+        starts.setdefault(pid, []).append(n)
+    out: dict[int, list[dict]] = {}
+    for path in sorted(record.glob("policy_loss-*.pt")):
+        pid, n = pid_n(path)
+        out.setdefault(sum(s < n for s in starts[pid]), []).append(torch.load(path, weights_only=False))
+    return out
+
+
 def test_perception_pg_loss_by_hand_with_the_global_kept_count(main_run):
     """Each micro-batch's policy-gradient loss = Σ_kept loss_t / (kept tokens of the whole mini-batch on
     both ranks) · dp_size — the two ranks hold different kept counts — and differs from the loss over
     every response token."""
     actor = _actor_rows(main_run.record)
-    losses = recorder.load(main_run.record, "policy_loss")
+    losses = _loss_calls_by_step(main_run.record)
+    assert sorted(losses) == [1, 2]
     uneven = 0
     for step in (1, 2):
         local = [float(rec[PERCEPTION_FIELD].sum()) if isinstance(rec[PERCEPTION_FIELD], torch.Tensor)
@@ -261,8 +283,9 @@ def test_perception_pg_loss_by_hand_with_the_global_kept_count(main_run):
         uneven += local[0] != local[1]  # measured: 135 + 129 at step 1, 136 + 136 at step 2
         for rec in actor[step]["records"]:
             assert rec["kept_global"] == sum(local)
-        calls = [c for c in losses if c["kept_tokens"] == sum(local)]
+        calls = losses[step]
         assert sorted({int(c["rank"]) for c in calls}) == [0, 1]
+        assert all(c["kept_tokens"] == sum(local) for c in calls)
         filtered = unfiltered = 0.0
         for c in calls:
             mask = c["response_mask"].bool()
