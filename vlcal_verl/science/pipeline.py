@@ -5,6 +5,7 @@ The phases and where they write (everything under ``--out``):
     data/, warm_start/           the demo's data and warm start (:mod:`vlcal_verl.demo`), made once;
                                  data/train-rlcr.parquet: the same rows prompted in the RLCR layout
     eval/warm_start/             ``vlcal eval`` of the warm start on the held-out items (+ image removed)
+    eval/warm_start-rlcr/        the same in RLCR's layout (``--protocol rlcr``; the RLCR baseline's start)
     rl/<arm>-seed<S>/            one verl run: verl/ (checkpoints), metrics/ (verl's file logger), logs/,
                                  rollouts/ (verl's generation dump + S̃_vis rows, :mod:`.rollouts`)
     eval/<arm>-seed<S>/          ``vlcal eval`` of that run's last checkpoint
