@@ -31,7 +31,7 @@ test: install
 	$(PY) -m pytest -m "slow or integration" $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-fast: install
-	$(PY) -m pytest -m "not slow and not integration" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not integration" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
