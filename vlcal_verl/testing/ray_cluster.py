@@ -93,6 +93,9 @@ class LocalCluster:
             str(BIN / "ray"), "start", "--block", "--node-ip-address", LOCAL_IP, "--num-gpus", str(gpus),
             "--num-cpus", str(cpus), "--temp-dir", str(temp), "--object-store-memory", str(200 * 1024**2),
             "--disable-usage-stats", *args,
+            # per-node ports that default to fixed numbers: two nodes (or another Ray) on one machine would
+            # collide, and a head whose dashboard agent lost port 52365 refuses every job submission
+            "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
         ]  # fmt: skip
         log = open(temp / f"{name}.log", "wb")  # noqa: SIM115 - the node outlives this call
         proc = subprocess.Popen(
@@ -162,19 +165,22 @@ class LocalCluster:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(node.proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            node.proc.wait(timeout=20)
+            node.proc.wait(timeout=5)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(node.proc.pid, signal.SIGKILL)
         stop_processes_under(node.temp_dir)
 
     def stop(self) -> list[int]:
-        """Stop every node, then every recorded process that survived; return the PIDs killed last."""
+        """Stop every node, then SIGKILL every recorded process that outlived its node (workers a dead
+        raylet left behind); return the recorded PIDs still running after that (none expected)."""
         for node in reversed(self.nodes):
             self.stop_node(node)
-        left = self.alive_tracked()
-        for pid in left:
+        for pid in self.alive_tracked():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while (left := self.alive_tracked()) and time.monotonic() < deadline:
+            time.sleep(0.2)
         for node in self.nodes:
             shutil.rmtree(node.temp_dir, ignore_errors=True)
         return left
