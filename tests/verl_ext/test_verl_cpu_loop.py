@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from vlcal_verl.commands.train import DEFAULT_RECIPE
 from vlcal_verl.testing import recorder
 from vlcal_verl.testing.verl_loop import LOOP_TEST_TIMEOUT_S, finite, record_dir, run_verl, steps_of
 from vlcal_verl.verl_ext.perception import PERCEPTION_FIELD
@@ -47,15 +45,6 @@ def main_run(assets):
     return SimpleNamespace(steps=steps_of(metrics), ckpt=ckpt, log=log, record=record_dir(metrics))
 
 
-@pytest.fixture(scope="module")
-def resumed_run(assets, main_run):
-    """The same run continued to step 3 from its global_step_2 checkpoint."""
-    metrics, _, log = run_verl(
-        assets, "main", ["trainer.total_training_steps=3", "trainer.save_freq=3"], record=True
-    )
-    return SimpleNamespace(steps=steps_of(metrics), log=log, record=record_dir(metrics))
-
-
 def test_two_grpo_steps_and_checkpoint(main_run):
     steps = main_run.steps
     assert [s["step"] for s in steps] == [1, 2]
@@ -75,13 +64,6 @@ def test_two_grpo_steps_and_checkpoint(main_run):
     assert (main_run.ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     hf = main_run.ckpt / "global_step_2" / "actor" / "huggingface"
     assert (hf / "config.json").exists() and list(hf.glob("*.safetensors"))
-
-
-def test_resume_continues_with_the_data_order(assets, resumed_run):
-    """verl continues at step 3 with the data order of an uninterrupted run."""
-    assert [s["step"] for s in resumed_run.steps] == [3]
-    assert "global_step_2" in resumed_run.log  # it loaded the checkpoint
-    assert step_questions(assets / "main" / "dump" / "3.jsonl", assets) == expected_batch(assets, step=3)
 
 
 # ---- effect: each VL-Calibration signal changes what verl trains on (read from the recorder) -------------
@@ -301,70 +283,6 @@ def test_perception_pg_loss_by_hand_with_the_global_kept_count(main_run):
         ) == sum(local)  # every kept token of the mini-batch went through the loss once
         assert abs(filtered - unfiltered) > 1e-4 * max(abs(unfiltered), 1e-3), (filtered, unfiltered)
     assert uneven, "both ranks kept as many tokens at every step: the all-reduce is not exercised"
-
-
-def test_resume_restores_weights_and_adam_moments(main_run, resumed_run):
-    """After the resume's load, each rank's weights and Adam state (step, both moments) equal, tensor for
-    tensor, what verl saved at global_step_2."""
-    loaded = recorder.load(resumed_run.record, "actor_after_load")
-    assert sorted(int(r["rank"]) for r in loaded) == [0, 1]
-    folder = main_run.ckpt / "global_step_2" / "actor"
-    for rec in loaded:
-        assert Path(rec["path"]).resolve() == folder.resolve()
-        rank = int(rec["rank"])
-        saved_model = torch.load(folder / f"model_world_size_2_rank_{rank}.pt", weights_only=False)
-        saved_optim = torch.load(folder / f"optim_world_size_2_rank_{rank}.pt", weights_only=False)
-        assert set(rec["model"]) == set(saved_model)
-        for name, value in saved_model.items():
-            assert torch.equal(rec["model"][name], _local(value)), name
-        state, saved_state = rec["optimizer"]["state"], saved_optim["state"]
-        assert set(state) == set(saved_state) and saved_state
-        moments = 0
-        for idx, entry in saved_state.items():
-            assert set(state[idx]) == set(entry) >= {"step", "exp_avg", "exp_avg_sq"}, idx
-            for k, v in entry.items():
-                assert torch.equal(state[idx][k], _local(v)), (idx, k)
-            moments += int(_local(entry["exp_avg_sq"]).count_nonzero())
-        assert moments > 0, "the saved Adam moments are all zero: nothing to restore"
-
-
-def _local(value):
-    return (value.to_local() if hasattr(value, "to_local") else value).detach().cpu()
-
-
-def expected_batch(root: Path, step: int) -> Counter:
-    """(question, answer) pairs of GRPO step ``step`` from verl's own seeded sampler (×n rollouts)."""
-    from omegaconf import OmegaConf
-    from verl.trainer.ppo.utils import create_rl_sampler
-
-    from vlcal_verl.data.schema import read_parquet
-    from vlcal_verl.main import compose_recipe
-
-    cfg = compose_recipe(DEFAULT_RECIPE, [f"demo.dir={root}"])
-    rows = read_parquet(root / "data" / "train.parquet")
-    order = list(
-        create_rl_sampler(OmegaConf.create({"shuffle": True, "seed": cfg.data.seed}), range(len(rows)))
-    )
-    b, n = int(cfg.data.train_batch_size), int(cfg.actor_rollout_ref.rollout.n)
-    batch = order[(step - 1) * b : step * b]
-    return Counter(
-        {(rows[i]["extra_info"]["question"], rows[i]["reward_model"]["ground_truth"]): n for i in batch}
-    )
-
-
-def step_questions(dump: Path, root: Path) -> Counter:
-    """(question, answer) pairs of verl's rollout dump of one step (prompts decoded by verl)."""
-    from vlcal_verl.data.schema import read_parquet
-
-    questions = {r["extra_info"]["question"] for r in read_parquet(root / "data" / "train.parquet")}
-    out: Counter = Counter()
-    for line in dump.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            found = [q for q in questions if f"\n{q}\n" in r["input"]]
-            assert found, f"no training question in the dumped prompt {r['input'][:200]!r}"
-            out[(max(found, key=len), r["gts"])] += 1
-    return out
 
 
 @pytest.fixture(scope="module")
