@@ -46,3 +46,17 @@ def small_demo_assets(tmp_path_factory):
     cfg = DemoConfig(dir=str(root), train_size=64, eval_size=8, warm_start_steps=100, tokenizer="small")
     prepare_assets(cfg, root, {})
     return root
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Each test leaves ``os.environ`` as it found it. The entry point's ``prepare`` (run in-process by the
+    recipe and CLI tests) exports the CPU backend's variables — ``VERL_PLATFORM=cpu``,
+    ``OMP_NUM_THREADS=1`` … — into the test process, where every later test of the same process (or
+    pytest-xdist worker) and its children would inherit them: a fresh ``import verl`` with the plugins
+    switched off then fails on the unknown ``cpu`` platform."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
