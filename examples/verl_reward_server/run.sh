@@ -25,7 +25,7 @@ fi
 # 1. the reward server, in the background; stopped whatever happens below
 "$python_bin" -m reward_server --host 127.0.0.1 --port "$port" --workers "$workers" &
 server_pid=$!
-trap 'kill "$server_pid" 2>/dev/null; wait "$server_pid" 2>/dev/null || true' EXIT
+trap 'kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true' EXIT
 
 # 2. wait for /readyz (grading pool and torch warm), at most 120 s
 ready=0

@@ -218,9 +218,11 @@ def test_grpo_cpu_config_installs_the_setup_hook_and_eager_entropy():
 @pytest.mark.timeout(LOOP_TEST_TIMEOUT_S)
 def test_verl_reward_server_two_steps_on_cpu(tmp_path, small_demo_assets):
     """run.sh with grpo_cpu: the reward server plus two steps of verl's own GRPO loop, with verl's stock
-    trainer and worker classes, on the CPU backend. The server scored every rollout of both steps (its
-    /metrics, read while the run goes), and the rewards verl trained on are the in-process reward of the
-    same responses. The warm start has the small tokenizer: the subject here is the reward path."""
+    trainer and worker classes, on the CPU backend. Once the server has scored step 1's 8 rollouts (its
+    /metrics, read while the run goes) the test kills it, answers the next connection on its port by
+    closing it (a server mid-restart), then starts a new server there: step 2 is scored after the client's
+    retries, by the new server, and the rewards verl trained on are the in-process reward of the same
+    responses. The warm start has the small tokenizer: the subject here is the reward path."""
     from vlcal_verl.testing.ray_local import new_ray_temp_dir, stop_processes_under
 
     warm, data = small_demo_assets / "warm_start", small_demo_assets / "data"  # as `make demo` leaves them
@@ -241,30 +243,97 @@ def test_verl_reward_server_two_steps_on_cpu(tmp_path, small_demo_assets):
     cmd = ["bash", str(EXAMPLES / "verl_reward_server" / "run.sh"), *overrides]
     env = {"CONFIG": "grpo_cpu", "PYTHON": sys.executable, "RS_PORT": str(port), "RS_WORKERS": "1",
            "VERL_FILE_LOGGER_PATH": str(metrics)}  # fmt: skip
+    restart = _ServerRestart(port, after_items=8)
     try:
         proc, scraped = _run_scraping(
-            cmd, env, f"http://127.0.0.1:{port}/metrics", timeout=LOOP_TEST_TIMEOUT_S - 300
-        )
+            cmd, env, f"http://127.0.0.1:{port}/metrics", timeout=LOOP_TEST_TIMEOUT_S - 300,
+            on_page=restart.on_page,
+        )  # fmt: skip
     finally:
         stop_processes_under(temp)
+        restart.stop()
     assert proc.returncode == 0, proc.output[-6000:]
+    assert restart.refused == 1, "no reward request reached the port while the server was down"
+    # step 2 rode out the restart: the client logged its retries, each naming the URL (refused, then 503
+    # "not ready" while the new server warmed up)
+    url = f"http://127.0.0.1:{port}"
+    retries = [ln for ln in proc.output.splitlines() if url in ln and "retrying in" in ln]
+    assert retries, proc.output[-4000:]
     steps = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     assert [s["step"] for s in steps] == [1, 2]
     # the scores verl trained on (its rollout dump, and the logged batch mean) are the in-process reward
-    statuses: Counter = Counter()
+    statuses: dict[int, Counter] = {1: Counter(), 2: Counter()}
     for s in steps:
         rows = [json.loads(line) for line in (dump / f"{s['step']}.jsonl").read_text().splitlines() if line]
         assert len(rows) == 8  # 2 prompts × 4 rollouts
         want = [_in_process_reward(r, data / "train.parquet") for r in rows]
         assert [r["score"] for r in rows] == pytest.approx([w["score"] for w in want], abs=1e-5)
         assert s["data"]["critic/score/mean"] == pytest.approx(sum(w["score"] for w in want) / 8, abs=1e-5)
-        statuses.update('status="ok"' if w["parse_ok"] else 'status="parse_error"' for w in want)
-    # the server's own count (/metrics, read while the run went): the 16 rollouts of both steps, by status
-    assert _counter(scraped, "vlcal_rs_items_scored_total") == dict(statuses), scraped[-3000:]
+        statuses[s["step"]].update('status="ok"' if w["parse_ok"] else 'status="parse_error"' for w in want)
+    # each server's own count (/metrics): the old one scored step 1's 8 rollouts, the new one step 2's
+    counted = {1: restart.last_page_before_kill, 2: scraped}
+    for step, page in counted.items():
+        assert _counter(page, "vlcal_rs_items_scored_total") == dict(statuses[step]), (step, page[-3000:])
 
 
-def _run_scraping(cmd: list[str], env: dict, url: str, timeout: float):
-    """Run ``cmd`` (as :func:`run` does) and fetch ``url`` every 2 s while it runs; (result, last page)."""
+class _ServerRestart:
+    """Kill run.sh's reward server once its /metrics count ``after_items`` scored items, refuse the next
+    connection to its port (accept, close: a server mid-restart), then start a new server on the port.
+    Runs in a thread, so the scraping goes on; :meth:`stop` stops the new server and its workers."""
+
+    def __init__(self, port: int, after_items: int):
+        self.port, self.after_items = port, after_items
+        self.last_page_before_kill, self.refused, self.server = "", 0, None
+        self.thread = None
+
+    def on_page(self, page: str) -> None:
+        import threading
+
+        if (
+            self.thread is None
+            and sum(_counter(page, "vlcal_rs_items_scored_total").values()) >= self.after_items
+        ):
+            self.last_page_before_kill = page
+            self.thread = threading.Thread(target=self._restart, daemon=True)
+            self.thread.start()
+
+    def _restart(self) -> None:
+        import socket
+
+        import psutil
+
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if "-m reward_server" in cmd and f"--port {self.port}" in cmd:
+                for q in [*p.children(recursive=True), p]:
+                    q.kill()
+                psutil.wait_procs([p], timeout=30)
+        with socket.create_server(("127.0.0.1", self.port), reuse_port=False) as listener:
+            listener.settimeout(600)
+            conn, _ = listener.accept()  # the client's first attempt of step 2
+            conn.close()
+            self.refused += 1
+        self.server = subprocess.Popen(
+            [sys.executable, "-m", "reward_server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        import psutil
+
+        if self.server is not None:
+            procs = [
+                *psutil.Process(self.server.pid).children(recursive=True),
+                psutil.Process(self.server.pid),
+            ]
+            for q in procs:
+                q.kill()
+            psutil.wait_procs(procs, timeout=30)
+
+
+def _run_scraping(cmd: list[str], env: dict, url: str, timeout: float, on_page=None):
+    """Run ``cmd`` (as :func:`run` does) and fetch ``url`` every second while it runs, handing each page
+    to ``on_page``; (result, last page)."""
     import threading
     import time
     import urllib.request
@@ -286,9 +355,11 @@ def _run_scraping(cmd: list[str], env: dict, url: str, timeout: float):
         try:
             with urllib.request.urlopen(url, timeout=2) as page:
                 last = page.read().decode()
+            if on_page is not None:
+                on_page(last)
         except OSError:
             pass
-        time.sleep(2)
+        time.sleep(1)
     proc.wait()
     reader.join(timeout=10)
     return SimpleNamespace(returncode=proc.returncode, output="".join(chunks)), last
