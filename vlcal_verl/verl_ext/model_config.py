@@ -173,37 +173,55 @@ class VLCalModelConfig(HFModelConfig):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
-def _dummy_vision_hook(module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
-    """After an ``InternVLModel`` forward without images: run the vision tower and projector on one
-    black tile and add 0 × its sum to the output, so every FSDP rank gathers (and, in backward, reduces)
-    the vision tower's shards in the same order. A no-op on values and gradients."""
+def _no_images(args: tuple, kwargs: dict) -> bool:
+    return kwargs.get("pixel_values") is None and not (args and len(args) > 1 and args[1] is not None)
+
+
+def _dummy_vision_pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
+    """Before an ``InternVLModel`` forward without images: run the vision tower and projector on one black
+    tile *first*, as a forward with images does (vision, then the language model), so every FSDP rank
+    gathers the shards in the same order; the features wait on the module for :func:`_dummy_vision_hook`.
+    (Run after the language model instead, a rank without images gathered the LM layers while a rank with
+    images gathered the vision tower: gloo's "Received data size doesn't match expected size".)"""
     import torch
 
-    if kwargs.get("pixel_values") is not None or (args and len(args) > 1 and args[1] is not None):
-        return output
+    module._vlcal_dummy_features = None
+    if not _no_images(args, kwargs):
+        return
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return output
+        return
     side = _side(module.config.vision_config.image_size)
-    hidden = output.last_hidden_state
-    tile = torch.zeros(1, 3, side, side, device=hidden.device, dtype=hidden.dtype)
-    features = module.get_image_features(
+    param = next(module.parameters())
+    tile = torch.zeros(1, 3, side, side, device=param.device, dtype=param.dtype)
+    module._vlcal_dummy_features = module.get_image_features(
         pixel_values=tile,
         vision_feature_layer=module.config.vision_feature_layer,
         vision_feature_select_strategy=module.config.vision_feature_select_strategy,
     ).pooler_output
+
+
+def _dummy_vision_hook(module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+    """After that forward: add 0 × the dummy features' sum to the output, so the backward reduces the
+    vision tower's gradients on every rank too. A no-op on values and gradients."""
+    features = getattr(module, "_vlcal_dummy_features", None)
+    if features is None:
+        return output
+    module._vlcal_dummy_features = None
+    hidden = output.last_hidden_state
     output.last_hidden_state = hidden + 0.0 * features.sum().to(hidden.dtype)
     return output
 
 
 def install_dummy_vision_forward(model: Any) -> int:
-    """Hook :func:`_dummy_vision_hook` on every ``InternVLModel`` inside ``model`` (FSDP-wrapped or not);
-    return how many were hooked (0 for other architectures). Idempotent."""
+    """Hook :func:`_dummy_vision_pre_hook` and :func:`_dummy_vision_hook` on every ``InternVLModel`` inside
+    ``model`` (FSDP-wrapped or not); return how many were hooked (0 for other architectures). Idempotent."""
     from transformers.models.internvl.modeling_internvl import InternVLModel
 
     count = 0
     for sub in model.modules():
         if isinstance(sub, InternVLModel):
             if not getattr(sub, "_vlcal_dummy_vision", False):
+                sub.register_forward_pre_hook(_dummy_vision_pre_hook, with_kwargs=True)
                 sub.register_forward_hook(_dummy_vision_hook, with_kwargs=True)
                 sub._vlcal_dummy_vision = True
             count += 1
