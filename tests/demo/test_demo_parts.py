@@ -152,27 +152,18 @@ def test_tiny_cpu_recipe_composes_with_demo_paths(tmp_path):
 
 def test_warm_start_prompt_is_the_prompt_verl_builds(tmp_path):
     """The warm start teaches the template on the exact token ids verl's dataset feeds the rollout."""
-    from omegaconf import OmegaConf
-    from verl.utils.dataset.rl_dataset import RLHFDataset
 
     from vlcal_verl.data.easy_vqa import load_easy_vqa, to_verl_rows
     from vlcal_verl.data.schema import write_parquet
     from vlcal_verl.demo.data import user_message
     from vlcal_verl.evaluation.hf_generate import encode_prompts
     from vlcal_verl.testing.tiny_models import load_tiny_vlm
+    from vlcal_verl.testing.verl_loop import rl_dataset
 
     _, processor = load_tiny_vlm("qwen3-vl")
     items = load_easy_vqa("train", limit=2, seed=3)
     write_parquet(to_verl_rows(items), tmp_path / "t.parquet")
-    conf = OmegaConf.create(
-        {
-            "prompt_key": "prompt",
-            "image_key": "images",
-            "max_prompt_length": 1024,
-            "filter_overlong_prompts": False,
-        }
-    )
-    ds = RLHFDataset(str(tmp_path / "t.parquet"), processor.tokenizer, conf, processor=processor)
+    ds = rl_dataset(tmp_path / "t.parquet", processor)
     for i, it in enumerate(items):
         messages = ds[i]["raw_prompt"]
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -131,28 +131,19 @@ def test_rlcr_baseline_without_rlcr_warm_start_is_refused_before_work(fake, tmp_
 def test_rlcr_rows_give_verl_the_prompt_the_warm_start_taught(tmp_path):
     """The RLCR copy of the training rows, read by verl's own dataset, tokenises to the very prompt the
     warm start trained the RLCR targets on (user_message(question, 'rlcr'))."""
-    from omegaconf import OmegaConf
-    from verl.utils.dataset.rl_dataset import RLHFDataset
 
     from vlcal_verl.data.easy_vqa import load_easy_vqa, to_verl_rows
     from vlcal_verl.data.schema import write_parquet
     from vlcal_verl.demo.data import user_message
     from vlcal_verl.evaluation.hf_generate import encode_prompts
     from vlcal_verl.testing.tiny_models import load_tiny_vlm
+    from vlcal_verl.testing.verl_loop import rl_dataset
 
     _, processor = load_tiny_vlm("qwen3-vl", tokenizer="small")
     items = load_easy_vqa("train", limit=2, seed=3)
     write_parquet(to_verl_rows(items), tmp_path / "train.parquet")
     pipeline.write_protocol_copy(tmp_path / "train.parquet", tmp_path / "train-rlcr.parquet", "rlcr")
-    conf = OmegaConf.create(
-        {
-            "prompt_key": "prompt",
-            "image_key": "images",
-            "max_prompt_length": 1024,
-            "filter_overlong_prompts": False,
-        }
-    )
-    ds = RLHFDataset(str(tmp_path / "train-rlcr.parquet"), processor.tokenizer, conf, processor=processor)
+    ds = rl_dataset(tmp_path / "train-rlcr.parquet", processor)
     for i, it in enumerate(items):
         text = processor.apply_chat_template(ds[i]["raw_prompt"], add_generation_prompt=True, tokenize=False)
         assert "<confidence>N</confidence>" in text and "vision_confidence" not in text

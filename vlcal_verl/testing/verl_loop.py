@@ -95,3 +95,20 @@ def steps_of(metrics: Path) -> list[dict]:
 
 def finite(x) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
+
+
+def rl_dataset(parquet: Path, processor):
+    """verl's own ``RLHFDataset`` over ``parquet`` as the loop reads it (prompt + images, no filtering): what
+    the tests compare the warm start's prompts with."""
+    from omegaconf import OmegaConf
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    conf = OmegaConf.create(
+        {
+            "prompt_key": "prompt",
+            "image_key": "images",
+            "max_prompt_length": 1024,
+            "filter_overlong_prompts": False,
+        }
+    )
+    return RLHFDataset(str(parquet), processor.tokenizer, conf, processor=processor)
