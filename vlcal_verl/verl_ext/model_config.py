@@ -177,32 +177,46 @@ def _no_images(args: tuple, kwargs: dict) -> bool:
     return kwargs.get("pixel_values") is None and not (args and len(args) > 1 and args[1] is not None)
 
 
-def _dummy_vision_pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
-    """Before an ``InternVLModel`` forward without images: run the vision tower and projector on one black
-    tile *first*, as a forward with images does (vision, then the language model), so every FSDP rank
-    gathers the shards in the same order; the features wait on the module for :func:`_dummy_vision_hook`.
-    (Run after the language model instead, a rank without images gathered the LM layers while a rank with
-    images gathered the vision tower: gloo's "Received data size doesn't match expected size".)"""
-    import torch
-
+def _note_images_hook(module: Any, args: tuple, kwargs: dict) -> None:
+    """Before an ``InternVLModel`` forward: note whether it has images (for :func:`_dummy_vision_pre_hook`)."""
     module._vlcal_dummy_features = None
-    if not _no_images(args, kwargs):
-        return
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    side = _side(module.config.vision_config.image_size)
-    param = next(module.parameters())
-    tile = torch.zeros(1, 3, side, side, device=param.device, dtype=param.dtype)
-    module._vlcal_dummy_features = module.get_image_features(
-        pixel_values=tile,
-        vision_feature_layer=module.config.vision_feature_layer,
-        vision_feature_select_strategy=module.config.vision_feature_select_strategy,
-    ).pooler_output
+    module._vlcal_needs_dummy = _no_images(args, kwargs)
+
+
+def _dummy_vision_pre_hook(owner: Any) -> Any:
+    """A forward pre-hook for ``owner.language_model``: in a forward of ``owner`` (an ``InternVLModel``)
+    without images, run the vision tower and projector on one black tile at the point where a forward with
+    images runs them — after the token embedding, before the language model's layers — so every FSDP rank
+    gathers the same shards in the same order (verl wraps ``embed_tokens`` as its own unit when embeddings
+    are untied). The features wait on ``owner`` for :func:`_dummy_vision_hook`.
+
+    Run before the embedding, or after the language model, a rank without images gathered one unit while a
+    rank with images gathered another: gloo's "Received data size doesn't match expected size"."""
+
+    def hook(module: Any, args: tuple, kwargs: dict) -> None:
+        import torch
+
+        if not getattr(owner, "_vlcal_needs_dummy", False):
+            return
+        owner._vlcal_needs_dummy = False
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        side = _side(owner.config.vision_config.image_size)
+        param = next(owner.vision_tower.parameters())
+        tile = torch.zeros(1, 3, side, side, device=param.device, dtype=param.dtype)
+        owner._vlcal_dummy_features = owner.get_image_features(
+            pixel_values=tile,
+            vision_feature_layer=owner.config.vision_feature_layer,
+            vision_feature_select_strategy=owner.config.vision_feature_select_strategy,
+        ).pooler_output
+
+    return hook
 
 
 def _dummy_vision_hook(module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
     """After that forward: add 0 × the dummy features' sum to the output, so the backward reduces the
-    vision tower's gradients on every rank too. A no-op on values and gradients."""
+    vision tower's gradients on every rank too (after the language model's layers, as with images, since
+    the features were computed before them). A no-op on values and gradients."""
     features = getattr(module, "_vlcal_dummy_features", None)
     if features is None:
         return output
@@ -213,15 +227,17 @@ def _dummy_vision_hook(module: Any, args: tuple, kwargs: dict, output: Any) -> A
 
 
 def install_dummy_vision_forward(model: Any) -> int:
-    """Hook :func:`_dummy_vision_pre_hook` and :func:`_dummy_vision_hook` on every ``InternVLModel`` inside
-    ``model`` (FSDP-wrapped or not); return how many were hooked (0 for other architectures). Idempotent."""
+    """Hook :func:`_note_images_hook`, :func:`_dummy_vision_pre_hook` (on its language model) and
+    :func:`_dummy_vision_hook` on every ``InternVLModel`` inside ``model`` (FSDP-wrapped or not); return how
+    many were hooked (0 for other architectures). Idempotent."""
     from transformers.models.internvl.modeling_internvl import InternVLModel
 
     count = 0
     for sub in model.modules():
         if isinstance(sub, InternVLModel):
             if not getattr(sub, "_vlcal_dummy_vision", False):
-                sub.register_forward_pre_hook(_dummy_vision_pre_hook, with_kwargs=True)
+                sub.register_forward_pre_hook(_note_images_hook, with_kwargs=True)
+                sub.language_model.register_forward_pre_hook(_dummy_vision_pre_hook(sub), with_kwargs=True)
                 sub.register_forward_hook(_dummy_vision_hook, with_kwargs=True)
                 sub._vlcal_dummy_vision = True
             count += 1
