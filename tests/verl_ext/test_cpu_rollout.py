@@ -150,6 +150,32 @@ def test_resolve_sampling_mirrors_vllm_defaults(server):
         resolve_sampling({}, cfg, prompt_len=cfg.max_model_len)
 
 
+def test_full_determinism_repeats_a_steps_samples_and_keeps_copies_apart(tiny_paths, server):
+    """``rollout.full_determinism``: verl's TransferQueue loop sends the ``n`` copies of a prompt as identical
+    requests (all named ``det-0``). They sample differently from each other, and a fresh server — another
+    replica, or the same one at the next weights version — repeats the same samples, whatever unseeded
+    requests ran in between."""
+    from vlcal_verl.verl_ext.cpu_backend.rollout import HFRolloutServer
+
+    det = HFRolloutServer(*_configs(tiny_paths[SEED_A], full_determinism=True), replica_rank=0)
+    other = HFRolloutServer(*_configs(tiny_paths[SEED_A], full_determinism=True), replica_rank=1)
+    prompt, red = _text_prompt(server), _text_prompt(server, "Describe a red square.")
+    params = dict(temperature=1.0, top_p=1.0, top_k=-1, logprobs=True, ignore_eos=True)
+
+    def group(srv, ids=prompt, n=4):
+        return [asyncio.run(srv.generate(ids, dict(params), request_id="det-0")).token_ids for _ in range(n)]
+
+    asyncio.run(det.set_global_steps(1))
+    first = group(det)
+    assert len({tuple(t) for t in first}) == 4  # the copies differ
+    asyncio.run(other.set_global_steps(1))
+    _gen(other, prompt, **params)  # an unseeded request first: draws from the server's own generator
+    assert group(other) == first  # the other replica samples the same group
+    asyncio.run(det.set_global_steps(2))  # the next weights version: arrivals counted afresh
+    assert group(det, red, 2) != first[:2]
+    assert group(det) == first  # interleaved with another prompt's group, the same samples
+
+
 def test_seeded_sampling_is_reproducible(server):
     prompt = _text_prompt(server)
     params = dict(temperature=1.0, top_p=1.0, top_k=-1, logprobs=True, ignore_eos=True)

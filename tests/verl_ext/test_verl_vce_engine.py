@@ -303,3 +303,24 @@ def test_fused_pass_equals_the_separate_call_and_keeps_verls_outputs(
     for key in keys:
         for a, b in zip(fused[key].unbind(), separate[key].unbind(), strict=True):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_mask_ids_by_tokens_follow_the_rollout_not_its_uid():
+    """Under ``rollout.full_determinism`` a rollout's mask seed id is a digest of its tokens: the same
+    tokens under fresh uids (a rerun) get the same id, different tokens a different one; by default the
+    id is ``{uid}_{session_id}``."""
+    rows = [torch.tensor([5, 6, 7, 8]), torch.tensor([5, 6, 7, 9]), torch.tensor([5, 6, 7, 8])]
+
+    def batch(uids):
+        td = TensorDict({"input_ids": torch.nested.as_nested_tensor(rows, layout=torch.jagged)}, batch_size=3)
+        td.set("uid", NonTensorStack(*uids))
+        td.set("session_id", NonTensorStack(*[0, 1, 2]))
+        return td
+
+    first, rerun = batch(["a", "a", "a"]), batch(["b", "b", "b"])
+    assert mask_ids_of(first) == ["a_0", "a_1", "a_2"]
+    ids = mask_ids_of(first, by_tokens=True)
+    assert ids == mask_ids_of(rerun, by_tokens=True)
+    assert ids[0] == ids[2] != ids[1]
+    padded = TensorDict({"input_ids": torch.stack(rows)}, batch_size=3)
+    assert mask_ids_of(padded, by_tokens=True) == ids

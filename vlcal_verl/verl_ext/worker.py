@@ -9,6 +9,7 @@ TransferQueue. The forward itself runs through verl's engine (:mod:`vlcal_verl.v
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,8 +35,16 @@ from vlcal_verl.verl_ext.perception import (
 from vlcal_verl.verl_ext.vce_engine import SPAN_FIELD, prepare_vce_batch, vce_forward_installed
 
 
-def mask_ids_of(data: TensorDict) -> list[str]:
-    """One mask seed id per rollout: ``{uid}_{session_id}`` (uid alone is shared by the GRPO group)."""
+def mask_ids_of(data: TensorDict, by_tokens: bool = False) -> list[str]:
+    """One mask seed id per rollout: ``{uid}_{session_id}`` (uid alone is shared by the GRPO group).
+
+    ``by_tokens`` (``rollout.full_determinism``): a digest of the rollout's ``input_ids`` (prompt and
+    response) instead — verl draws uids with ``uuid4``, so a rerun or a resumed run would mask the same
+    rollout differently."""
+    if by_tokens:
+        ids = data["input_ids"]
+        rows = ids.unbind() if getattr(ids, "is_nested", False) else list(ids)
+        return [hashlib.sha256(r.cpu().numpy().astype("int64").tobytes()).hexdigest()[:16] for r in rows]
     uids = tu.get(data, "uid")
     if uids is None or len(uids) != len(data):
         raise ValueError(f"compute_vce: batch field 'uid' must hold one id per sample ({len(data)})")
@@ -197,6 +206,9 @@ class VLCalActorRolloutRefWorker(ActorRolloutRefWorker):
         save_hold.hold_if_asked(global_step, self.actor.engine.get_data_parallel_rank())
         return out
 
+    def _masks_by_tokens(self) -> bool:
+        return bool(self.config.get("rollout", {}).get("full_determinism", False))
+
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
     def compute_log_prob(self, data: TensorDict) -> TensorDict | None:
         """verl's ``compute_log_prob``; when the trainer put VCE settings on the batch (fused VCE), the
@@ -209,7 +221,9 @@ class VLCalActorRolloutRefWorker(ActorRolloutRefWorker):
         cfg = vce_config_of(data)
         black, merge = self._image_constants()
         patch = self._patch_size(cfg)
-        add_vce_targets(data, dense_rows(data[SPAN_FIELD]).long().cpu(), cfg, mask_ids_of(data))
+        add_vce_targets(
+            data, dense_rows(data[SPAN_FIELD]).long().cpu(), cfg, mask_ids_of(data, self._masks_by_tokens())
+        )
         with fused_forward_installed(self.actor.engine, cfg, black, merge, patch):
             return super().compute_log_prob(data)
 
@@ -226,7 +240,9 @@ class VLCalActorRolloutRefWorker(ActorRolloutRefWorker):
         # prepare_vce_batch rebuilds position ids row by row (nested_rows), so no re-nesting is needed here
         spans = dense_rows(data[SPAN_FIELD]).long().cpu()  # TransferQueue returns [B, 2] as jagged
         patch = self._patch_size(cfg)
-        prepared = prepare_vce_batch(data, spans, cfg, black, merge, mask_ids_of(data), patch)
+        prepared = prepare_vce_batch(
+            data, spans, cfg, black, merge, mask_ids_of(data, self._masks_by_tokens()), patch
+        )
         tu.assign_non_tensor(prepared, compute_loss=False, calculate_entropy=False)
         with vce_forward_installed(self.actor.engine, cfg):
             output = self.actor.infer_batch(prepared)

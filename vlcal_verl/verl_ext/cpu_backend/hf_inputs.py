@@ -7,7 +7,9 @@ Pure functions (no Ray, no model) that turn what verl's agent loop sends — ``s
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,13 +64,28 @@ class SamplingSpec:
         return self.temperature < 1e-5
 
 
+def request_seed(base_seed: int, request_id: str, prompt_ids: list[int]) -> int:
+    """A sampling seed of one request under ``rollout.full_determinism``: a digest of the rollout seed, the
+    request's key (verl's request id and its arrival count, ``HFRolloutServer._seed_key``) and the prompt's
+    tokens (so one step's batch differs from the next). It does not depend on the replica, on requests of
+    other prompts, or on how many steps ran before (a resumed run samples what the uninterrupted one did)."""
+    digest = hashlib.sha256(f"{base_seed}|{request_id}|".encode() + array("q", prompt_ids).tobytes())
+    return int.from_bytes(digest.digest()[:8], "little") & (2**63 - 1)
+
+
 def resolve_sampling(
-    sampling_params: dict[str, Any], config: RolloutConfig, prompt_len: int, replica_rank: int = 0
+    sampling_params: dict[str, Any],
+    config: RolloutConfig,
+    prompt_len: int,
+    request_id: str = "",
+    prompt_ids: list[int] | None = None,
 ) -> SamplingSpec:
     """Mirror ``vLLMHttpServer.generate``'s ``max_tokens`` rules and defaults; reject unknown keys.
 
     ``max_tokens`` (or SGLang's ``max_new_tokens``) wins; else ``min(response_length, prompt_length +
-    response_length - prompt_len)``; then it is clamped to ``[1, max_model_len - prompt_len]``.
+    response_length - prompt_len)``; then it is clamped to ``[1, max_model_len - prompt_len]``. Under
+    ``full_determinism`` a request without a seed gets :func:`request_seed` (vLLM's server gives every
+    request ``seed + replica_rank``, so the copies of one prompt on one replica would sample alike).
     """
     params = dict(sampling_params)
     unknown = set(params) - _SAMPLING_KEYS
@@ -87,8 +104,8 @@ def resolve_sampling(
     else:
         max_tokens = min(config.response_length, config.prompt_length + config.response_length - prompt_len)
     params.pop("max_new_tokens", None)
-    if config.full_determinism:
-        params.setdefault("seed", replica_rank + config.seed)
+    if config.full_determinism and params.get("seed") is None:
+        params["seed"] = request_seed(config.seed, request_id, prompt_ids or [])
     params.setdefault("repetition_penalty", config.repetition_penalty)
     params.setdefault("ignore_eos", config.ignore_eos)
     top_k = params.pop("top_k", -1)

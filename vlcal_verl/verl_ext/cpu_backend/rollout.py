@@ -40,6 +40,7 @@ vLLM-style ids) and derives ``mm_token_type_ids`` the way the agent loop does fo
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import time
@@ -109,6 +110,8 @@ class HFRolloutServer:
         )
         self.engine = HFGenerationEngine(model, self.model_config, seed=self.config.seed + replica_rank)
         self.global_steps: int | None = None
+        self._arrivals: collections.Counter = collections.Counter()  # (request id, prompt) this version
+        self._arrivals_version: int | None = None
         self._inflight = 0
         self._resume = asyncio.Event()
         self._resume.set()
@@ -132,7 +135,9 @@ class HFRolloutServer:
         if audio_data is not None or kv_transfer_params is not None:
             raise NotImplementedError("hf rollout: audio and PD KV transfer are not supported")
         prompt_ids = normalize_token_ids(prompt_ids)
-        spec = resolve_sampling(sampling_params, self.config, len(prompt_ids), self.replica_rank)
+        spec = resolve_sampling(
+            sampling_params, self.config, len(prompt_ids), self._seed_key(request_id, prompt_ids), prompt_ids
+        )
         while not self._resume.is_set():
             if self._rejecting:
                 return self._aborted()
@@ -151,6 +156,21 @@ class HFRolloutServer:
             num_preempted=0,
             extra_fields={"global_steps": self.global_steps, "num_cached_tokens": 0},
         )
+
+    def _seed_key(self, request_id: str, prompt_ids: list[int]) -> str:
+        """``<request id>#<k>``: the k-th arrival of this request id with this prompt since the weights'
+        version changed. verl's TransferQueue loop names every request ``det-0`` under full determinism
+        and the ``n`` copies of a prompt are identical requests, so the arrival count is what tells them
+        apart; which copy arrives first only permutes the group (GRPO's statistics do not change)."""
+        if not self.config.full_determinism:
+            return request_id
+        if self._arrivals_version != self.global_steps:
+            self._arrivals.clear()
+            self._arrivals_version = self.global_steps
+        key = (request_id, tuple(prompt_ids))
+        k = self._arrivals[key]
+        self._arrivals[key] += 1
+        return f"{request_id}#{k}"
 
     def _aborted(self) -> TokenOutput:
         return TokenOutput(
