@@ -235,12 +235,18 @@ class VLCalConfig:
     """Name of the paper row the ``ablation`` config group applied; names runs."""
     reward_server_url: str | None = None
     """When set, per-sample rewards come from this reward server instead of in-process scoring."""
+    node_watchdog_s: float = 10.0
+    """Seconds between the driver's checks that every node running the job's actors is alive; a lost node
+    ends the job (exit 3) instead of hanging it (vlcal_verl.verl_ext.node_watchdog). 0 turns it off."""
 
     def validate(self) -> VLCalConfig:
         """Raise ValueError naming the field when a combination is invalid; return self."""
         r, v, t, pc = self.reward, self.vce, self.tar, self.perception
         for section in (r, v, t, pc):
             check_section(section)
+        dog = self.node_watchdog_s
+        if isinstance(dog, bool) or not isinstance(dog, int | float) or not math.isfinite(dog) or dog < 0:
+            raise ValueError(f"vlcal.node_watchdog_s must be a number of seconds >= 0 (0: off), got {dog!r}")
         if t.w_min > t.w_max:
             raise ValueError(
                 f"vlcal.tar.w_min={t.w_min!r} is out of range: must be <= vlcal.tar.w_max={t.w_max!r} "

@@ -375,6 +375,9 @@ def _hydra_main(config: DictConfig) -> None:
         return
     from verl.trainer.main_ppo import run_ppo
 
+    from vlcal_verl.verl_ext import node_watchdog
+
+    node_watchdog.start(float(config.vlcal.node_watchdog_s))
     run_ppo(config, task_runner_class=_task_runner())
 
 

@@ -5,23 +5,27 @@ node started with ``ray start`` on 127.0.0.1, one logical accelerator slot each,
 (``--nodes 2 --gpus-per-node 1``) must land on different nodes. Every job goes through launch/submit.sh to
 the head's dashboard, as from a login node. Four verl starts in all:
 
+Every leg runs with ``actor_rollout_ref.rollout.full_determinism=true`` (the HF rollout seeds each request
+by verl's request id and its prompt), so runs of the same steps can be compared number for number.
+
 - ``uninterrupted`` — 3 GRPO steps, checkpoint every step: ranks on two node ids (Ray's state API),
-  SUCCEEDED (``ray job status``), vce/* and tar/* on the step lines; its step 3 is the reference.
+  SUCCEEDED (``ray job status``), vce/* and tar/* on the step lines; its steps are the reference.
 - ``chain`` — one checkpoint folder, 4 steps, two faults in a row, each resubmitted with the same command:
   1. ``ray job stop`` while global_step_3's save is held open (test hook :mod:`vlcal_verl.testing.save_hold`)
      — step 2's checkpoint complete, step 3's half written → STOPPED, nothing of the run left; the
-     resubmitted job resumes from global_step_2 at step 3, with the uninterrupted run's step-3 prompts
-     and global_step_2's weights and Adam moments;
-  2. the worker node's raylet SIGKILLed in step 4 (global_step_3 complete, step 4's save held open) →
-     FAILED within 120 s, the reason in ``ray job logs``, no process of the run left. Killed during
-     generation instead, the run hung (verl's agent loop waited on the lost node for 6 min and more);
+     resubmitted job resumes from global_step_2 at step 3, with global_step_2's weights and Adam moments,
+     and its step 3 (prompts, responses, loss) is the uninterrupted run's step 3, as the stopped leg's
+     steps 1–2 are its steps 1–2;
+  2. the worker node's raylet SIGKILLed in step 4's generation (requests held on both rollout servers)
+     → the driver's node watchdog (:mod:`vlcal_verl.verl_ext.node_watchdog`) ends the job: FAILED within
+     120 s, its line naming the node in ``ray job logs``, no process of the run left (without it verl's
+     agent loop waited on the lost node's requests for 6 min and more);
   3. a head alone restarted with two slots, ``--nodes 1 --gpus-per-node 2`` → resumes at step 4, SUCCEEDED.
 
 A SIGKILLed driver was a fifth start (commit c5a5729: FAILED, nothing left, resumed at the next step);
 ``ray job stop`` kills the same driver by SIGTERM, which it does not handle, so it was cut for CI time.
-Step-3 losses are not compared with the uninterrupted run's: the HF rollout samples from one RNG per
-server, so two fresh runs already differ at step 1 (pg_loss −0.0028 vs −0.0305 measured); the state the
-resume restores is compared exactly instead.
+Without ``full_determinism`` the HF rollout samples from one RNG per server in request order, and two fresh
+runs already differed at step 1 (pg_loss −0.0028 vs −0.0305 measured).
 
 verl 0.9.1 writes ``latest_checkpointed_iteration.txt`` only after every part of a step's checkpoint is on
 disk (``_save_checkpoint``) and resumes from the step it names (``find_latest_ckpt_path``), so a folder
@@ -75,6 +79,7 @@ def overrides(assets: Path, out: Path, leg: str, steps: int, env: dict[str, str]
         f"demo.dir={assets}", f"trainer.default_local_dir={out / 'ckpt'}",
         f"trainer.rollout_data_dir={out / f'dump-{leg}'}", f"trainer.total_training_steps={steps}",
         "trainer.save_freq=1", f"hydra.run.dir={out / f'hydra-{leg}'}",
+        "actor_rollout_ref.rollout.full_determinism=true",
         *(f"{ENV_KEY}.{k}={v}" for k, v in env.items()),
     ]  # fmt: skip
 
@@ -133,7 +138,9 @@ def uninterrupted(cluster, small_demo_assets, tmp_path_factory):
 def _node_ids(c: LocalCluster) -> dict[str, bool]:
     from ray.util.state import list_nodes
 
-    return {n.node_id: bool(n.is_head_node) for n in list_nodes(address=c.address, detail=True)}
+    """Alive nodes: id → is the head."""
+    nodes = list_nodes(address=c.address, detail=True)
+    return {n.node_id: bool(n.is_head_node) for n in nodes if n.state == "ALIVE"}
 
 
 def test_two_nodes_one_job(uninterrupted):
@@ -186,8 +193,7 @@ def chain(cluster, small_demo_assets, tmp_path_factory, uninterrupted):
     )  # fmt: skip
 
     # 2. resubmitted (recorder on: the state it loads); the worker node's raylet killed in step 4, while its
-    # checkpoint is held open: a deterministic point of the step. (Killed during generation instead, the
-    # run hung: verl's agent loop waited on the lost node's requests, "running: 4", for 6 min and more.)
+    # checkpoint is held open: a deterministic point of the step (during generation: test_node_watchdog_*)
     t0 = time.monotonic()
     rec, hold4 = out / "record-2", out / "hold-4"
     env = {recorder.ENV: str(rec), HOLD_ENV: f"4:{hold4}"}
@@ -257,6 +263,33 @@ def test_resume_after_stop_continues_at_step_3_with_the_data_order(chain, uninte
     assert questions(resumed, small_demo_assets) == expected_batch(small_demo_assets, step=3)
 
 
+DETERMINISTIC = (
+    "actor/pg_loss",
+    "actor/grad_norm",
+    "critic/score/mean",
+    "response_length/mean",
+    "vce/k_bar/mean",
+)
+
+
+def test_full_determinism_repeats_the_uninterrupted_run_across_the_stop(chain, uninterrupted):
+    """``rollout.full_determinism=true`` on every leg (verl's switch; the HF rollout then seeds each request
+    by verl's request id and the prompt): the stopped leg's steps 1–2 repeat the uninterrupted run's, and
+    the resumed step 3 generates the same responses and trains with the same loss as its step 3."""
+    ref = {s["step"]: s["data"] for s in uninterrupted.steps}
+    first = {s["step"]: s["data"] for s in steps_of(chain.out / "metrics-1.jsonl")}
+    resumed = {s["step"]: s["data"] for s in steps_of(chain.out / "metrics-2.jsonl")}
+    assert sorted(first) == [1, 2] and 3 in resumed
+    # the same responses, but the copies of a prompt may arrive (and so sit in the batch) in another order:
+    # sums reassociate (two fresh 2-step runs on one node: ≤ 3e-6 relative apart)
+    for step, got in ((1, first[1]), (2, first[2]), (3, resumed[3])):
+        for key in DETERMINISTIC:
+            assert got[key] == pytest.approx(ref[step][key], rel=1e-4, abs=1e-7), (step, key)
+    responses = dumped_responses(chain.out / "dump-2" / "3.jsonl")
+    assert responses == dumped_responses(uninterrupted.out / "dump-a" / "3.jsonl")
+    assert len(responses) > 1  # the n copies of a prompt sampled different responses
+
+
 def test_resume_restores_weights_and_adam_moments(chain):
     """After the resume's load, each rank's weights and Adam state (step, both moments) equal, tensor for
     tensor, what verl saved at global_step_2 (ported from the CPU loop tests' resumed run)."""
@@ -283,8 +316,9 @@ def test_resume_restores_weights_and_adam_moments(chain):
 
 
 def test_lost_node_fails_the_job_in_bounded_time(chain):
-    """The worker's raylet killed in step 4 (its save held open): FAILED within 120 s, the reason in the job's logs, no
-    process of the run (driver, actors, the lost node's processes) left."""
+    """The worker's raylet killed in step 4 (its save held open): FAILED within 120 s, the reason in the job's
+    logs (Ray's dead-actor error, or the driver's node watchdog, whichever sees it first), no process of the
+    run (driver, actors, the lost node's processes) left."""
     leg = chain.nodeloss
     assert leg.status == "FAILED", leg.logs[-4000:]
     assert leg.failed_after <= NODE_LOSS_LIMIT_S, leg.failed_after
@@ -292,7 +326,13 @@ def test_lost_node_fails_the_job_in_bounded_time(chain):
     assert not leg.left, f"processes of the run left after the node loss: {leg.left}"
 
 
-NODE_LOSS_REASONS = ("ActorDiedError", "ActorUnavailableError", "node died", "RayletDiedError")
+NODE_LOSS_REASONS = (
+    "ActorDiedError",
+    "ActorUnavailableError",
+    "node died",
+    "RayletDiedError",
+    "[vlcal] node lost",
+)
 
 
 def test_head_alone_resumes_from_the_checkpoint(chain):
@@ -315,6 +355,12 @@ def dumped_prompts(dump: Path) -> Counter:
     """(prompt text, ground truth) of verl's rollout dump of one step (uids are verl's fresh uuid4s)."""
     rows = [json.loads(line) for line in dump.read_text().splitlines() if line.strip()]
     return Counter((r["input"], r["gts"]) for r in rows)
+
+
+def dumped_responses(dump: Path) -> Counter:
+    """(prompt text, response text) of verl's rollout dump of one step."""
+    rows = [json.loads(line) for line in dump.read_text().splitlines() if line.strip()]
+    return Counter((r["input"], r["output"]) for r in rows)
 
 
 def questions(prompts: Counter, root: Path) -> Counter:
@@ -351,3 +397,34 @@ def expected_batch(root: Path, step: int) -> Counter:
             for i in order[(step - 1) * b : step * b]
         }
     )
+
+
+def test_node_watchdog_ends_a_driver_waiting_on_a_lost_node(cluster, chain, tmp_path):
+    """The hang the watchdog exists for (verl's agent loop waiting on a lost node's requests) with a
+    stand-in driver: it waits forever on nothing, an actor of its job on a worker node; the worker's raylet
+    SIGKILLed → the driver exits 3 within 120 s with one line naming the node. Runs after the chain, on its
+    head, with a fresh worker node."""
+    import sys
+
+    worker = cluster.start_worker(gpus=1)
+    node_id = next(nid for nid, head in _node_ids(cluster).items() if not head)
+    ready = tmp_path / "ready"
+    cmd = [sys.executable, "-m", "vlcal_verl.testing.watchdog_driver", cluster.gcs, node_id, str(ready)]
+    proc = subprocess.Popen(cmd, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ready.exists(), f"driver not ready (exit {proc.poll()})"
+        killed_at = time.monotonic()
+        worker.raylet().kill()
+        _, err = proc.communicate(timeout=NODE_LOSS_LIMIT_S)
+        after = time.monotonic() - killed_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    print(f"[cluster] node watchdog: driver exited {proc.returncode} {after:.1f} s after the kill")
+    assert proc.returncode == 3, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("[vlcal] node lost: ")]
+    assert len(lines) == 1 and node_id in lines[0], err[-3000:]

@@ -205,6 +205,7 @@ def test_in_process_reward_kwargs_are_accepted_by_compute_score():
         ("vlcal.reward.protocol=decoupledd", ConfigError, "vlcal.reward.protocol must be one of"),
         ("vlcal.vce.estimator=k4", ConfigError, "vlcal.vce.estimator must be one of"),
         ("vlcal.reward.w_brier=.nan", ConfigError, "vlcal.reward.w_brier must be a finite number"),
+        ("vlcal.node_watchdog_s=-5", ConfigError, r"vlcal.node_watchdog_s must be a number of seconds >= 0"),
         ("trainer.nnodes=two", ConfigError, "trainer.nnodes must be a positive integer"),
         ("trainer.n_gpus_per_node=eight", ConfigError, "trainer.n_gpus_per_node must be a positive integer"),
         ("actor_rollout_ref.rollout.n=1", ConfigError, r"rollout.n must be an integer >= 2"),
