@@ -43,7 +43,8 @@ def _yaml_leaves(block: dict, prefix: str = "") -> dict[str, object]:
 def test_yaml_block_is_every_dataclass_field_with_its_default():
     block = yaml.safe_load(TRAINER_YAML.read_text())["vlcal"]
     fields = _leaves(VLCalConfig())
-    assert len(fields) == 29  # 6 reward + 11 vce + 7 tar + 2 perception + variant, ablation, server url
+    # 6 reward + 11 vce + 7 tar + 2 perception + variant, ablation, server url, node watchdog
+    assert len(fields) == 30
     yaml_fields = _yaml_leaves(block)
     assert sorted(yaml_fields) == sorted(fields)  # none missing, none extra
     for path, (default, _) in fields.items():

@@ -207,7 +207,10 @@ class VLCalActorRolloutRefWorker(ActorRolloutRefWorker):
         return out
 
     def _masks_by_tokens(self) -> bool:
-        return bool(self.config.get("rollout", {}).get("full_determinism", False))
+        """``rollout.full_determinism`` of this worker's config (masks seeded by the rollout's tokens)."""
+        config = getattr(self, "config", None)
+        rollout = config.get("rollout", None) if config is not None and hasattr(config, "get") else None
+        return bool(rollout.get("full_determinism", False)) if rollout is not None else False
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
     def compute_log_prob(self, data: TensorDict) -> TensorDict | None:
