@@ -3,27 +3,28 @@
 One Ray cluster for the module (:class:`vlcal_verl.testing.ray_cluster.LocalCluster`): a head and a worker
 node started with ``ray start`` on 127.0.0.1, one logical accelerator slot each, so verl's two FSDP ranks
 (``--nodes 2 --gpus-per-node 1``) must land on different nodes. Every job goes through launch/submit.sh to
-the head's dashboard, as from a login node. Four verl starts in all:
+the head's dashboard, as from a login node. Four verl starts in all.
 
 Every leg runs with ``actor_rollout_ref.rollout.full_determinism=true`` (the HF rollout seeds each request
 by verl's request id and its prompt), so runs of the same steps can be compared number for number.
 
 - ``uninterrupted`` — 3 GRPO steps, checkpoint every step: ranks on two node ids (Ray's state API),
   SUCCEEDED (``ray job status``), vce/* and tar/* on the step lines; its steps are the reference.
-- ``chain`` — one checkpoint folder, 4 steps, two faults in a row, each resubmitted with the same command:
-  1. ``ray job stop`` while global_step_3's save is held open (test hook :mod:`vlcal_verl.testing.save_hold`)
-     — step 2's checkpoint complete, step 3's half written → STOPPED, nothing of the run left; the
-     resubmitted job resumes from global_step_2 at step 3, with global_step_2's weights and Adam moments,
-     and its step 3 (prompts, responses, loss) is the uninterrupted run's step 3, as the stopped leg's
-     steps 1–2 are its steps 1–2;
-  2. the worker node's raylet SIGKILLed in step 4's generation (requests held on both rollout servers)
-     → the driver's node watchdog (:mod:`vlcal_verl.verl_ext.node_watchdog`) ends the job: FAILED within
-     120 s, its line naming the node in ``ray job logs``, no process of the run left (without it verl's
-     agent loop waited on the lost node's requests for 6 min and more);
-  3. a head alone restarted with two slots, ``--nodes 1 --gpus-per-node 2`` → resumes at step 4, SUCCEEDED.
+- ``chain`` — one checkpoint folder, three faults in a row, each resubmitted with the same command:
+  1. the driver SIGKILLed while global_step_3's save is held open (test hook
+     :mod:`vlcal_verl.testing.save_hold`) — step 2's checkpoint complete, step 3's half written → FAILED,
+     nothing of the run left; the resubmitted job resumes from global_step_2 at step 3, with
+     global_step_2's weights and Adam moments, and its step 3 (prompts, responses, loss) is the
+     uninterrupted run's step 3, as the killed job's steps 1–2 are its steps 1–2;
+  2. the worker node's raylet SIGKILLed in step 4 (global_step_3 complete, step 4's save held open) →
+     FAILED within 120 s, the reason in ``ray job logs``, no process of the run left;
+  3. a head alone restarted with two slots, ``--nodes 1 --gpus-per-node 2`` → resumes at step 4; then
+     ``ray job stop`` while step 5's save is held open → STOPPED, nothing left, the tracker names step 4.
+- the node watchdog (:mod:`vlcal_verl.verl_ext.node_watchdog`): a stand-in driver waiting forever while an
+  actor of its job sits on a fresh worker node; the node's raylet SIGKILLed → exit 3 within 120 s. (A verl
+  job whose node dies *during generation* hung: its agent loop waited on the lost node's requests for
+  6 min and more; the watchdog is what ends it.)
 
-A SIGKILLed driver was a fifth start (commit c5a5729: FAILED, nothing left, resumed at the next step);
-``ray job stop`` kills the same driver by SIGTERM, which it does not handle, so it was cut for CI time.
 Without ``full_determinism`` the HF rollout samples from one RNG per server in request order, and two fresh
 runs already differed at step 1 (pg_loss −0.0028 vs −0.0305 measured).
 
@@ -35,6 +36,8 @@ left half written by a kill is skipped, not loaded; the tests assert exactly tha
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 import uuid
@@ -165,16 +168,17 @@ def test_two_nodes_one_job(uninterrupted):
 
 @pytest.fixture(scope="module")
 def chain(cluster, small_demo_assets, tmp_path_factory, uninterrupted):
-    """One checkpoint folder through two faults and a move to the head alone (module docstring); what each
+    """One checkpoint folder through three faults and a move to the head alone (module docstring); what each
     leg left behind (job logs also under ``<out>/job-<leg>.log``)."""
     out = tmp_path_factory.mktemp("chain")
     hold = out / "hold"
     legs: dict[str, SimpleNamespace] = {}
 
-    # 1. ray job stop while global_step_3's save is held open (step 2's checkpoint complete)
+    # 1. the driver SIGKILLed (a preempted login node, an OOM kill) while global_step_3's save is held open
+    # (step 2's checkpoint complete)
     t0 = time.monotonic()
     sid = submit(
-        cluster, "stop", 2, 1, overrides(small_demo_assets, out, "1", STEPS, {HOLD_ENV: f"3:{hold}"})
+        cluster, "kill", 2, 1, overrides(small_demo_assets, out, "1", STEPS, {HOLD_ENV: f"3:{hold}"})
     )
     cluster.wait_for(
         sid, lambda: len(list(hold.glob("held-*"))) == 2, "global_step_3 held by both ranks", 600
@@ -182,13 +186,9 @@ def chain(cluster, small_demo_assets, tmp_path_factory, uninterrupted):
     pids = run_processes(cluster, sid)
     half = sorted(p.name for p in (out / "ckpt" / "global_step_3").rglob("*") if p.is_file())
     seen = SimpleNamespace(tracker=tracker(out), half=half)
-    stop = subprocess.run(
-        [str(BIN / "ray"), "job", "stop", sid, "--address", cluster.address],
-        env=cluster.env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    legs["stop"] = SimpleNamespace(
-        sid=sid, status=cluster.wait_end(sid, 120), left=wait_gone(pids), seen=seen, cli=stop.stdout + stop.stderr,
-        logs=cluster.logs(sid),
+    os.kill(cluster.driver_pid(sid), signal.SIGKILL)
+    legs["kill"] = SimpleNamespace(
+        sid=sid, status=cluster.wait_end(sid, 120), left=wait_gone(pids), seen=seen, logs=cluster.logs(sid),
         wall=time.monotonic() - t0,
     )  # fmt: skip
 
@@ -212,15 +212,31 @@ def chain(cluster, small_demo_assets, tmp_path_factory, uninterrupted):
         left=wait_gone(pids + worker_pids, 30), wall=time.monotonic() - t0,
     )  # fmt: skip
 
-    # 3. the head alone, restarted with two slots (the lost node's slot is gone with it)
+    # 3. the head alone, restarted with two slots (the lost node's slot is gone with it): resumes at step 4;
+    # then `ray job stop` while step 5's save is held open
     t0 = time.monotonic()
     for node in list(cluster.nodes):
         cluster.stop_node(node)
     cluster.start_head(gpus=2)
-    sid = submit(cluster, "headalone", 1, 2, overrides(small_demo_assets, out, "3", STEPS))
+    hold5 = out / "hold-5"
+    sid = submit(
+        cluster,
+        "headalone",
+        1,
+        2,
+        overrides(small_demo_assets, out, "3", STEPS + 1, {HOLD_ENV: f"5:{hold5}"}),
+    )
+    cluster.wait_for(sid, lambda: len(list(hold5.glob("held-*"))) == 2, "global_step_5 held", 600)
+    pids = run_processes(cluster, sid)
+    actors = cluster.actors(sid)
+    seen = SimpleNamespace(tracker=tracker(out))
+    stop = subprocess.run(
+        [str(BIN / "ray"), "job", "stop", sid, "--address", cluster.address],
+        env=cluster.env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
     legs["headalone"] = SimpleNamespace(
-        sid=sid, status=cluster.wait_end(sid, JOB_TIMEOUT_S), logs=cluster.logs(sid), actors=cluster.actors(sid),
-        wall=time.monotonic() - t0,
+        sid=sid, status=cluster.wait_end(sid, 120), left=wait_gone(pids), seen=seen, cli=stop.stdout + stop.stderr,
+        logs=cluster.logs(sid), actors=actors, wall=time.monotonic() - t0,
     )  # fmt: skip
     for name, leg in legs.items():
         (out / f"job-{name}.log").write_text(leg.logs)  # the head was restarted: its job table is new
@@ -239,17 +255,20 @@ def _under(pid: int, node) -> bool:
         return False
 
 
-def test_stopped_while_saving_leaves_the_previous_checkpoint(chain):
-    """``ray job stop`` while global_step_3 is being written: STOPPED, every process of the run gone, the
-    tracker still names step 2 and global_step_3 holds the ranks' files but not verl's data.pt."""
-    leg = chain.stop
-    assert leg.status == "STOPPED", leg.cli
-    assert not leg.left, f"processes of the stopped run still alive: {leg.left}"
+def test_driver_killed_while_saving_leaves_the_previous_checkpoint(chain):
+    """The driver SIGKILLed while global_step_3 is being written: FAILED, every process of the run gone (Ray
+    ends a dead driver's actors), the tracker still names step 2 and global_step_3 holds the ranks' files
+    but not verl's data.pt."""
+    leg = chain.kill
+    assert leg.status == "FAILED", leg.logs[-4000:]
+    assert not leg.left, f"processes of the killed run still alive: {leg.left}"
     assert leg.seen.tracker == 2
     assert "model_world_size_2_rank_0.pt" in leg.seen.half and "data.pt" not in leg.seen.half
 
 
-def test_resume_after_stop_continues_at_step_3_with_the_data_order(chain, uninterrupted, small_demo_assets):
+def test_resume_after_the_kill_continues_at_step_3_with_the_data_order(
+    chain, uninterrupted, small_demo_assets
+):
     """The resubmitted job loads global_step_2 (not the half global_step_3, not step 0) and its step 3
     trains on the prompts the uninterrupted run saw at step 3 — verl's seeded sampler's batch 3."""
     logs = chain.nodeloss.logs
@@ -335,16 +354,18 @@ NODE_LOSS_REASONS = (
 )
 
 
-def test_head_alone_resumes_from_the_checkpoint(chain):
-    """``--nodes 1 --gpus-per-node 2`` on a head alone: resumes from global_step_3 at step 4, SUCCEEDED,
-    both ranks on the one node."""
+def test_head_alone_resumes_from_the_checkpoint_and_stops_cleanly(chain):
+    """``--nodes 1 --gpus-per-node 2`` on a head alone: resumes from global_step_3 at step 4, both ranks on
+    the one node; ``ray job stop`` while step 5 is being written → STOPPED, nothing of the run left, the
+    tracker names step 4."""
     leg = chain.headalone
-    assert leg.status == "SUCCEEDED", leg.logs[-4000:]
     assert f"{chain.out}/ckpt/global_step_3" in leg.logs and "Training from scratch" not in leg.logs
     assert [s["step"] for s in steps_of(chain.out / "metrics-3.jsonl")] == [4]
     ranks = [a for a in leg.actors if a.class_name.endswith("WorkerDict")]
     assert len(ranks) == 2 and len({a.node_id for a in ranks}) == 1
-    assert tracker(chain.out) == STEPS
+    assert leg.status == "STOPPED", leg.cli
+    assert not leg.left, f"processes of the stopped run still alive: {leg.left}"
+    assert leg.seen.tracker == STEPS == tracker(chain.out)
 
 
 def _local(value):
