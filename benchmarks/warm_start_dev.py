@@ -105,19 +105,21 @@ def tiny_model(dc: Any, setting: dict[str, Any]):
     return model, processor
 
 
-def dev_row(model, processor, dev: list[Any], dc: Any, max_new_tokens: int) -> dict[str, Any]:
-    """Sample dev as ``vlcal eval`` does (HF backend), score, judge; the row's numbers."""
+def dev_row(model, processor, dev: list[Any], dc: Any, max_new_tokens: int, protocol: str) -> dict[str, Any]:
+    """Sample dev as ``vlcal eval`` does (HF backend) in ``protocol``'s layout, score, judge z_vis (RLCR:
+    the first sentence of ``<think>``, as the science report does); the row's numbers."""
     from vlcal_verl.evaluation.generate import GenerationSettings, generate_hf, score_generations
-    from vlcal_verl.evaluation.visual_judge import add_visual_judgments, named_attributes, uid_attributes
+    from vlcal_verl.evaluation.visual_judge import judge_item, named_attributes, uid_attributes
     from vlcal_verl.metrics import auroc
     from vlcal_verl.protocol import parse_response
-    from vlcal_verl.science.report import attribute_accuracy
+    from vlcal_verl.science.report import attribute_accuracy, rlcr_think_description
 
     settings = GenerationSettings(
         max_new_tokens=max_new_tokens,
         temperature=dc.eval_temperature,
         batch_size=dc.eval_batch_size,
         seed=dc.seed,
+        protocol=protocol,
     )
     gens = generate_hf(model, processor, dev, settings)
     rows = [
@@ -125,26 +127,31 @@ def dev_row(model, processor, dev: list[Any], dc: Any, max_new_tokens: int) -> d
          "response": g.text, "truncated": g.truncated, "n_tokens": g.n_tokens}
         for it, g in zip(dev, gens, strict=True)
     ]  # fmt: skip
-    records = add_visual_judgments(score_generations(rows))
+    records = score_generations(rows, protocol)
     acc = attribute_accuracy(records)
     conf = [r["confidence"] if r["confidence"] is not None else 0.0 for r in records]
-    colour_ok = shape_ok = 0
+    colour_ok = shape_ok = seen = 0
     for r in records:
+        text = r["response"]
+        vision = rlcr_think_description(text) if protocol == "rlcr" else parse_response(text).vision
+        judged = judge_item(r["uid"], vision)
+        seen += judged is not None and judged.visual_correct == 1
         colour, shape = uid_attributes(r["uid"])
-        named = named_attributes(parse_response(r["response"]).vision or "")
+        named = named_attributes(vision or "")
         colour_ok += named[0] == (colour,)
         shape_ok += named[1] == (shape,)
     return {
         **{q: acc.get(q, {}).get("accuracy") for q in QTYPES},
         "counts": {q: acc.get(q, {}).get("n", 0) for q in QTYPES},
-        "z_vis correct": sum(r.get("visual_correct") == 1 for r in records),
+        "z_vis correct": seen,
         "AUROC(Φ)": auroc(conf, [r["correct"] for r in records]),
         "colour right": colour_ok / len(records),
         "shape right": shape_ok / len(records),
     }
 
 
-def run_setting(dc: Any, setting: dict[str, Any], max_new_tokens: int) -> dict[str, Any]:
+def run_setting(dc: Any, setting: dict[str, Any], max_new_tokens: int, layouts: list[str]) -> list[dict]:
+    """Warm start on fit, then one row per layout (protocol) dev is sampled in; the first has the seconds."""
     from vlcal_verl.demo.warm_start import warm_start
 
     t0 = time.perf_counter()
@@ -164,10 +171,11 @@ def run_setting(dc: Any, setting: dict[str, Any], max_new_tokens: int) -> dict[s
         seed=dc.seed,
         rlcr_fraction=setting["rlcr_fraction"],
     )
-    row = dev_row(model, processor, dev, dc, max_new_tokens)
-    row["last loss"] = sum(losses[-50:]) / max(len(losses[-50:]), 1)
-    row["s"] = time.perf_counter() - t0
-    return row
+    rows = [dev_row(model, processor, dev, dc, max_new_tokens, protocol) for protocol in layouts]
+    for row in rows:
+        row["last loss"] = sum(losses[-50:]) / max(len(losses[-50:]), 1)
+    rows[0]["s"] = time.perf_counter() - t0
+    return rows
 
 
 def cells(row: dict[str, Any]) -> list[str]:
@@ -180,7 +188,7 @@ def cells(row: dict[str, Any]) -> list[str]:
         f(row["AUROC(Φ)"]),
         f"{row['colour right']:.2f} / {row['shape right']:.2f}",
         f"{row['last loss']:.3f}",
-        f"{row['s']:.0f}",
+        f"{row['s']:.0f}" if "s" in row else "",
     ]
 
 
@@ -201,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vision-depth", type=int, default=0, help="0: the tiny builder's (2)")
     p.add_argument("--vision-width", type=int, default=0, help="0: the tiny builder's (32)")
     p.add_argument("--setting", action="append", default=[], help="KEY=V,... one row each (see above)")
+    p.add_argument("--rlcr-layout", action="store_true", help="also sample dev in RLCR's layout (a row)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the README's rows: 1)")
     args = p.parse_args(argv)
     config = compose_recipe(args.recipe, [])
@@ -216,9 +225,12 @@ def main(argv: list[str] | None = None) -> None:
     lines = [header, "|---|" + "---:|" * len(COLUMNS)]
     for setting in settings:
         print(f"== {label(setting, recipe)}", flush=True)
-        row = run_setting(dc, setting, int(config.data.max_response_length))
-        lines.append(f"| {label(setting, recipe)} | " + " | ".join(cells(row)) + " |")
-        print("\n".join([*lines[:2], lines[-1]]), f"\ndev counts: {row['counts']}", flush=True)
+        layouts = ["decoupled", "rlcr"] if args.rlcr_layout else ["decoupled"]
+        rows = run_setting(dc, setting, int(config.data.max_response_length), layouts)
+        for layout, row in zip(layouts, rows, strict=True):
+            name = label(setting, recipe) + (", prompted in RLCR's layout" if layout == "rlcr" else "")
+            lines.append(f"| {name} | " + " | ".join(cells(row)) + " |")
+        print("\n".join([*lines[:2], *lines[-len(rows) :]]), f"\ndev counts: {rows[0]['counts']}", flush=True)
     print("\n" + "\n".join(lines), flush=True)
 
 
