@@ -31,6 +31,22 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def benchmark_script():
+    """``load(name)`` → the module of ``benchmarks/<name>.py`` (the benchmarks are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def small_demo_assets(tmp_path_factory):
     """Demo data (64 train prompts, 8 held out) and a 100-step warm-started tiny Qwen3-VL with the small BPE
     tokenizer (``demo.tokenizer=small``: ~660 tokens trained on the run's own text, Qwen's special tokens and

@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 from PIL import Image
 
 from vlcal_verl.data.easy_vqa import VQAItem
-
-
-def _bench():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "warm_start_dev.py"
-    spec = importlib.util.spec_from_file_location("warm_start_dev", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _items(split: str, n: int) -> list[VQAItem]:
@@ -26,10 +15,10 @@ def _items(split: str, n: int) -> list[VQAItem]:
     ]
 
 
-def test_fit_dev_items_never_load_the_test_split(monkeypatch):
+def test_fit_dev_items_never_load_the_test_split(monkeypatch, benchmark_script):
     import vlcal_verl.data.easy_vqa as easy_vqa
 
-    bench = _bench()
+    bench = benchmark_script("warm_start_dev")
     calls = []
 
     def fake(split="train", limit=None, seed=0, unanswerable=False):
@@ -44,16 +33,16 @@ def test_fit_dev_items_never_load_the_test_split(monkeypatch):
     assert dev[-1].uid == "easy-vqa/train/1023" and fit[0].image.size == (96, 96)
 
 
-def test_fit_dev_split_refuses_held_out_items_and_overlap():
-    bench = _bench()
+def test_fit_dev_split_refuses_held_out_items_and_overlap(benchmark_script):
+    bench = benchmark_script("warm_start_dev")
     with pytest.raises(ValueError, match="not training-split"):
         bench.fit_dev_split(_items("train", 1000) + _items("test", 24))
     with pytest.raises(ValueError, match="> 1000 items"):
         bench.fit_dev_split(_items("train", 1000))
 
 
-def test_settings_parse_over_the_defaults_and_name_the_changes():
-    bench = _bench()
+def test_settings_parse_over_the_defaults_and_name_the_changes(benchmark_script):
+    bench = benchmark_script("warm_start_dev")
     defaults = {"steps": 2000, "lr": 3e-3, "batch": 8, "image_size": 128, "rlcr_fraction": 0.5}
     defaults |= {"vision_depth": 0, "vision_width": 0}
     s = bench.parse_setting("steps=500, image_size=64,lr=1e-2", defaults)
@@ -63,8 +52,8 @@ def test_settings_parse_over_the_defaults_and_name_the_changes():
         bench.parse_setting("depth=4", defaults)
 
 
-def test_more_training_items_add_to_fit_but_never_show_a_dev_image():
-    bench = _bench()
+def test_more_training_items_add_to_fit_but_never_show_a_dev_image(benchmark_script):
+    bench = benchmark_script("warm_start_dev")
     # image value: i % 50 for the first 1,024 items (dev, items 824-1023, shows all 50); after them
     # 48-51, of which 48 and 49 are dev images
     values = [i % 50 if i < 1024 else 48 + i % 4 for i in range(1100)]

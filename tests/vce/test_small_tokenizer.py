@@ -4,9 +4,7 @@ timing metrics."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -180,22 +178,14 @@ def test_vision_span_equals_the_character_range(tok, text):
 
 
 # ----------------------------------------------------------------------------- the step-time benchmark
-def _bench():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "verl_cpu_step.py"
-    spec = importlib.util.spec_from_file_location("verl_cpu_step", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_benchmark_reads_verl_timing_metrics(tmp_path, monkeypatch):
+def test_benchmark_reads_verl_timing_metrics(tmp_path, monkeypatch, benchmark_script):
     """Metrics written by verl's own ``compute_timing_metrics`` and ``file`` logger are read back per
     phase; rest = step − the four phases; the mean skips step 1."""
     from verl import DataProto
     from verl.trainer.ppo.metric_utils import compute_data_metrics, compute_timing_metrics
     from verl.utils.tracking import FileLogger
 
-    bench = _bench()
+    bench = benchmark_script("verl_cpu_step")
     batch = DataProto.from_dict(
         tensors={
             "prompts": torch.ones(2, 3, dtype=torch.long),
@@ -236,8 +226,8 @@ def test_benchmark_reads_verl_timing_metrics(tmp_path, monkeypatch):
     assert "| rollouts | 4 × 4 |  |" in table
 
 
-def test_benchmark_rejects_bad_arguments(capsys):
-    bench = _bench()
+def test_benchmark_rejects_bad_arguments(capsys, benchmark_script):
+    bench = benchmark_script("verl_cpu_step")
     for argv, word in ((["--steps", "1"], "--steps"), (["--settings", "fast"], "unknown setting")):
         with pytest.raises(SystemExit) as exc:
             bench.parse_args(argv)

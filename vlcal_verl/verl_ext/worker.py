@@ -208,9 +208,8 @@ class VLCalActorRolloutRefWorker(ActorRolloutRefWorker):
 
     def _masks_by_tokens(self) -> bool:
         """``rollout.full_determinism`` of this worker's config (masks seeded by the rollout's tokens)."""
-        config = getattr(self, "config", None)
-        rollout = config.get("rollout", None) if config is not None and hasattr(config, "get") else None
-        return bool(rollout.get("full_determinism", False)) if rollout is not None else False
+        config = getattr(self, "config", None) or {}  # a worker built bare (unit tests) has none
+        return bool(config.get("rollout", {}).get("full_determinism", False))
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
     def compute_log_prob(self, data: TensorDict) -> TensorDict | None:
