@@ -6,7 +6,7 @@ node started with ``ray start`` on 127.0.0.1, one logical accelerator slot each,
 the head's dashboard, as from a login node. Four verl starts in all.
 
 Every leg runs with ``actor_rollout_ref.rollout.full_determinism=true`` (the HF rollout seeds each request
-by verl's request id and its prompt), so runs of the same steps can be compared number for number.
+by its prompt and its arrival count), so runs of the same steps can be compared number for number.
 
 - ``uninterrupted`` — 3 GRPO steps, checkpoint every step: ranks on two node ids (Ray's state API),
   SUCCEEDED (``ray job status``), vce/* and tar/* on the step lines; its steps are the reference.
@@ -293,7 +293,7 @@ DETERMINISTIC = (
 
 def test_full_determinism_repeats_the_uninterrupted_run_across_the_stop(chain, uninterrupted):
     """``rollout.full_determinism=true`` on every leg (verl's switch; the HF rollout then seeds each request
-    by verl's request id and the prompt): the stopped leg's steps 1–2 repeat the uninterrupted run's, and
+    by its prompt and its arrival count): the killed leg's steps 1–2 repeat the uninterrupted run's, and
     the resumed step 3 generates the same responses and trains with the same loss as its step 3."""
     ref = {s["step"]: s["data"] for s in uninterrupted.steps}
     first = {s["step"]: s["data"] for s in steps_of(chain.out / "metrics-1.jsonl")}
