@@ -1,19 +1,25 @@
-"""Warm-start settings compared on the training split only: fit on its first items, sample the last ones.
+"""Warm-start settings compared on the training split only: fit on the recipe's training items, sample
+training-split items whose images the fit never shows.
 
-The science recipe's 1,024 training items (``load_demo_data`` as ``prepare_assets`` builds them, with no
-held-out items: ``eval_size`` 0, so easy-vqa's test split is never read) are split into fit (the first
-824) and dev (the last 200). Each setting is warm-started on fit with the project's ``warm_start`` (the
-arguments ``warm_started_model`` passes) and dev is sampled with ``generate_hf`` at the recipe's
-evaluation temperature, scored by ``score_generations`` and judged by the exact easy-vqa judge. One
-Markdown row per setting, in the columns of README "Choosing the warm start on the training split",
-plus the share of dev descriptions naming the right colour / shape and the last loss.
+Fit is exactly what ``vlcal train`` warm-starts on: the recipe's ``train_size`` training items
+(``load_demo_data`` as ``prepare_assets`` builds them, in its order), so the recipe's own row is the
+science run's warm start. Dev is the next 200 items of the same seeded train-split order whose image no
+fit item shows (easy-vqa asks several questions per image; an image seen in fit would let memory pass
+for sight). Held-out items are never loaded (``eval_size`` 0: easy-vqa's test split is never read).
+Each setting is warm-started on fit with the project's ``warm_start`` (the arguments
+``warm_started_model`` passes) and dev is sampled with ``generate_hf`` at the recipe's evaluation
+temperature, scored by ``score_generations`` and judged by the exact easy-vqa judge. One Markdown row per
+setting, in the columns of README "Choosing the warm start on the training split", plus the share of dev
+descriptions naming the right colour / shape and the last loss.
 
     python benchmarks/warm_start_dev.py --steps 2000 --lr 3e-3                # one setting
     python benchmarks/warm_start_dev.py --setting steps=1000,image_size=64 \\
         --setting steps=1000,vision_depth=4                                  # rows side by side
+    python benchmarks/warm_start_dev.py --model runs/science/warm_start      # a saved warm start, dev only
 
 ``--setting`` keys: steps, lr, batch, image_size, rlcr_fraction, train_size, vision_depth, vision_width (the tiny
-Qwen-VL vision tower; 0 keeps the builder's); unset keys take the flags' values, whose defaults are the
+Qwen-VL vision tower; 0 keeps the builder's), init_seed (the model's initialisation and the warm start's
+batch order; the data stay the recipe's); unset keys take the flags' values, whose defaults are the
 recipe's ``demo:`` block.
 """
 
@@ -25,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-FIT, DEV = 824, 200
+DEV = 200
 KEYS = {"steps": int, "lr": float, "batch": int, "image_size": int, "rlcr_fraction": float, "train_size": int}
-KEYS |= {"vision_depth": int, "vision_width": int}
+KEYS |= {"vision_depth": int, "vision_width": int, "init_seed": int}
 COLUMNS = (
     "what colour", "what shape", "yes/no colour", "yes/no shape", "z_vis correct", "AUROC(Φ)",
     "desc. colour / shape right", "last loss", "s",
@@ -35,27 +41,30 @@ COLUMNS = (
 QTYPES = ("question: colour", "question: shape", "question: yes/no (colour)", "question: yes/no (shape)")
 
 
-def fit_dev_split(items: list[Any], fit: int = FIT, dev: int = DEV) -> tuple[list[Any], list[Any]]:
-    """(fit, dev): dev = items[fit : fit + dev] (the last 200 of the recipe's 1,024); fit = the first ``fit``
-    items, plus those after dev whose image no dev item shows (a larger ``train_size`` adds fit items and
-    leaves dev as it is). ValueError if any item is not a training-split item (a held-out item must never
-    reach this benchmark) or there are too few."""
-    if fit + dev > len(items):
-        raise ValueError(f"fit {fit} + dev {dev} > {len(items)} items")
+def fit_dev_split(items: list[Any], fit: int, dev: int = DEV) -> tuple[list[Any], list[Any]]:
+    """(fit, dev): fit = ``items[:fit]`` (the recipe's training items); dev = the first ``dev`` items after
+    them whose image no fit item shows. ValueError if any item is not a training-split item (a held-out
+    item must never reach this benchmark) or too few new-image items follow fit."""
     wrong = [it.uid for it in items if not str(it.uid).startswith("easy-vqa/train/")]
     if wrong:
         raise ValueError(f"not training-split items: {wrong[:3]}")
-    dev_items = list(items[fit : fit + dev])
-    seen = {it.image.tobytes() for it in dev_items}
-    extra = [it for it in items[fit + dev :] if it.image.tobytes() not in seen]
-    return [*items[:fit], *extra], dev_items
+    fit_items = list(items[:fit])
+    seen = {it.image.tobytes() for it in fit_items}
+    dev_items = [it for it in items[fit:] if it.image.tobytes() not in seen][:dev]
+    if len(dev_items) < dev:
+        raise ValueError(
+            f"only {len(dev_items)} of the {len(items) - fit} items after fit show a new image; {dev} needed"
+        )
+    return fit_items, dev_items
 
 
 def fit_dev_items(train_size: int, seed: int, image_size: int) -> tuple[list[Any], list[Any]]:
-    """The recipe's training items as ``prepare_assets`` loads them, without held-out items, split."""
+    """The recipe's training items as ``prepare_assets`` loads them (fit) and dev after them, no held-out item:
+    ``load_easy_vqa``'s seeded order is a prefix order, so loading more items keeps the first ``train_size``."""
     from vlcal_verl.demo.data import load_demo_data
 
-    return fit_dev_split(load_demo_data(train_size, 0, seed, image_size).train)  # 0: no test-split items
+    pool = load_demo_data(train_size + 3 * DEV, 0, seed, image_size).train  # 0: no test-split items
+    return fit_dev_split(pool, train_size)
 
 
 def parse_setting(text: str, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -82,7 +91,7 @@ def tiny_model(dc: Any, setting: dict[str, Any]):
 
     from vlcal_verl.testing import tiny_models as tm
 
-    torch.manual_seed(dc.seed)  # as warm_started_model does
+    torch.manual_seed(setting["init_seed"])  # as warm_started_model does (with the recipe's seed)
     if setting["vision_depth"] or setting["vision_width"]:
         from transformers import AutoModelForImageTextToText
 
@@ -150,30 +159,48 @@ def dev_row(model, processor, dev: list[Any], dc: Any, max_new_tokens: int, prot
     }
 
 
-def run_setting(dc: Any, setting: dict[str, Any], max_new_tokens: int, layouts: list[str]) -> list[dict]:
-    """Warm start on fit, then one row per layout (protocol) dev is sampled in; the first has the seconds."""
+def saved_model(model_dir: str):
+    """(model, processor, losses) of a warm start saved by ``warm_started_model``."""
+    import json
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    losses_file = Path(model_dir) / "warm_start_losses.json"
+    losses = json.loads(losses_file.read_text()) if losses_file.exists() else []
+    return model, AutoProcessor.from_pretrained(model_dir), losses
+
+
+def run_setting(
+    dc: Any, setting: dict[str, Any], max_new_tokens: int, layouts: list[str], model_dir: str | None = None
+) -> list[dict]:
+    """Warm start on fit (or load ``model_dir``), then one row per layout (protocol) dev is sampled in; the
+    first has the seconds."""
     from vlcal_verl.demo.warm_start import warm_start
 
     t0 = time.perf_counter()
     fit, dev = fit_dev_items(setting["train_size"], dc.seed, setting["image_size"])
-    model, processor = tiny_model(dc, setting)
     shared = len({it.image.tobytes() for it in fit} & {it.image.tobytes() for it in dev})
     print(f"fit {len(fit)} items, dev {len(dev)}; dev images also in fit: {shared}", flush=True)
-    losses = warm_start(
-        model,
-        processor,
-        fit,
-        steps=setting["steps"],
-        batch_size=setting["batch"],
-        lr=setting["lr"],
-        weight_decay=0.0,
-        grad_clip=1.0,
-        seed=dc.seed,
-        rlcr_fraction=setting["rlcr_fraction"],
-    )
+    if model_dir:
+        model, processor, losses = saved_model(model_dir)
+    else:
+        model, processor = tiny_model(dc, setting)
+        losses = warm_start(
+            model,
+            processor,
+            fit,
+            steps=setting["steps"],
+            batch_size=setting["batch"],
+            lr=setting["lr"],
+            weight_decay=0.0,
+            grad_clip=1.0,
+            seed=setting["init_seed"],
+            rlcr_fraction=setting["rlcr_fraction"],
+        )
     rows = [dev_row(model, processor, dev, dc, max_new_tokens, protocol) for protocol in layouts]
     for row in rows:
-        row["last loss"] = sum(losses[-50:]) / max(len(losses[-50:]), 1)
+        row["last loss"] = sum(losses[-50:]) / max(len(losses[-50:]), 1) if losses else float("nan")
     rows[0]["s"] = time.perf_counter() - t0
     return rows
 
@@ -208,6 +235,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-size", type=int, help="training items loaded (dev: items 824-1023 always)")
     p.add_argument("--vision-depth", type=int, default=0, help="0: the tiny builder's (2)")
     p.add_argument("--vision-width", type=int, default=0, help="0: the tiny builder's (32)")
+    p.add_argument("--init-seed", type=int, help="the model's init and batch order (default: demo.seed)")
+    p.add_argument(
+        "--model", help="a saved warm start (e.g. runs/science/warm_start): sample dev only, no training"
+    )
     p.add_argument("--setting", action="append", default=[], help="KEY=V,... one row each (see above)")
     p.add_argument("--rlcr-layout", action="store_true", help="also sample dev in RLCR's layout (a row)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the README's rows: 1)")
@@ -216,20 +247,23 @@ def main(argv: list[str] | None = None) -> None:
     dc = demo_config_of(config)
     recipe = {"steps": dc.warm_start_steps, "lr": dc.warm_start_lr, "batch": dc.warm_start_batch_size,
               "image_size": dc.image_size, "rlcr_fraction": dc.warm_start_rlcr_fraction,
-              "train_size": dc.train_size, "vision_depth": 0, "vision_width": 0}  # fmt: skip
+              "train_size": dc.train_size, "vision_depth": 0, "vision_width": 0, "init_seed": dc.seed}  # fmt: skip
     flags = {k: v for k in KEYS if (v := getattr(args, k)) is not None}
     defaults = {**recipe, **flags}
+    if args.model and args.setting:
+        p.error("--model samples one saved warm start; --setting trains new ones (give one or the other)")
     settings = [parse_setting(s, defaults) for s in args.setting] or [defaults]
     torch.set_num_threads(args.threads)
     header = "| warm start (dev) | " + " | ".join(COLUMNS) + " |"
     lines = [header, "|---|" + "---:|" * len(COLUMNS)]
     for setting in settings:
-        print(f"== {label(setting, recipe)}", flush=True)
+        name = f"saved {args.model}" if args.model else label(setting, recipe)
+        print(f"== {name}", flush=True)
         layouts = ["decoupled", "rlcr"] if args.rlcr_layout else ["decoupled"]
-        rows = run_setting(dc, setting, int(config.data.max_response_length), layouts)
+        rows = run_setting(dc, setting, int(config.data.max_response_length), layouts, args.model)
         for layout, row in zip(layouts, rows, strict=True):
-            name = label(setting, recipe) + (", prompted in RLCR's layout" if layout == "rlcr" else "")
-            lines.append(f"| {name} | " + " | ".join(cells(row)) + " |")
+            row_name = name + (", prompted in RLCR's layout" if layout == "rlcr" else "")
+            lines.append(f"| {row_name} | " + " | ".join(cells(row)) + " |")
         print("\n".join([*lines[:2], *lines[-len(rows) :]]), f"\ndev counts: {rows[0]['counts']}", flush=True)
     print("\n" + "\n".join(lines), flush=True)
 
