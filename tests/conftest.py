@@ -52,9 +52,10 @@ def small_demo_assets(tmp_path_factory):
     tokenizer (``demo.tokenizer=small``: ~660 tokens trained on the run's own text, Qwen's special tokens and
     chat template; vlcal_verl.testing.small_tokenizer), built once per session (~15 s on 2 cores) for every
     test that runs verl's loop on Qwen-VL (`root/data`, `root/warm_start`). With Qwen's 151,936-token
-    vocabulary a verl step costs several times more (fp32 logits); the real tokenizer stays covered by the
-    InternVL loop (Qwen's tokenizer plus InternVL's image tokens), the HF rollout through Ray and the
-    tokenizer, VCE and evaluation tests."""
+    vocabulary a verl step costs several times more (fp32 logits). The InternVL loop uses the small tokenizer
+    too, so no verl-loop test runs the real one; it stays covered by the HF rollout server tests (verl's
+    ``LLMServerManager`` through Ray on a tiny Qwen3-VL with Qwen's tokenizer, tests/verl_ext/
+    test_cpu_rollout.py) and the tokenizer, VCE and evaluation tests."""
     from vlcal_verl.demo.config import DemoConfig
     from vlcal_verl.demo.pipeline import prepare_assets
 

@@ -1,6 +1,6 @@
-"""The small byte-level BPE tokenizer: round trips, Qwen's special tokens and chat template, a tiny model
-and Qwen-VL processor built on it, vision spans on its ids; and the CPU step benchmark's reader of verl's
-timing metrics."""
+"""The small byte-level BPE tokenizer: round trips, Qwen's special tokens and chat template, tiny models
+and processors built on it (Qwen-VL, and InternVL with its image tokens appended), vision spans on its ids;
+and the CPU step benchmark's reader of verl's timing metrics."""
 
 from __future__ import annotations
 
@@ -120,17 +120,72 @@ def test_tiny_model_and_processor_with_small_tokenizer(tmp_path):
     assert new and max(new) < len(tok) and not set(new) & set(vision)
 
 
-def test_family_and_tokenizer_checks(tmp_path):
+def test_internvl_on_the_small_tokenizer(tmp_path, tok):
+    """InternVL's image tokens appended to the small BPE: the model's vocabulary is the tokenizer's, the
+    processor expands an image into <img> + 4 context tokens per tile + </img>, and a forward runs."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from vlcal_verl.testing.tiny_internvl import INTERNVL_TOKENS, TILE
+    from vlcal_verl.testing.tiny_models import build_tiny_vlm, generation_kwargs
+    from vlcal_verl.verl_ext.cpu_backend.hf_inputs import banned_token_ids
+    from vlcal_verl.verl_ext.model_config import internvl_processor
+
+    path = build_tiny_vlm("internvl", cache_dir=tmp_path, tokenizer="small")
+    assert path.name.endswith("-small-seed0")
+    config = AutoConfig.from_pretrained(path)
+    processor = internvl_processor(str(path), config)  # as verl loads it (checks tiles and image token)
+    itok = processor.tokenizer
+    # the four InternVL tokens right after the small BPE's own vocabulary and Qwen's added tokens
+    assert len(itok) == len(tok) + 4 == config.text_config.vocab_size
+    names = list(INTERNVL_TOKENS.values())
+    assert [itok.convert_tokens_to_ids(t) for t in names] == list(range(len(tok), len(tok) + 4))
+    assert config.image_token_id == itok.convert_tokens_to_ids("<IMG_CONTEXT>") == processor.image_token_id
+    for key, token in (("bos", "<|endoftext|>"), ("eos", "<|im_end|>"), ("pad", "<|endoftext|>")):
+        assert getattr(config.text_config, f"{key}_token_id") == tok.convert_tokens_to_ids(token), key
+    for text in TEXTS:  # ordinary text encodes as on the small tokenizer and round-trips
+        assert itok.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False)
+        assert itok.decode(itok.encode(text, add_special_tokens=False)) == text
+    # a 2:1 image is cut into 2 tiles plus a thumbnail: 3 tiles of 4 context tokens
+    image = Image.new("RGB", (4 * TILE, 2 * TILE), (255, 0, 0))
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what shape is it?"}]}]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    enc = processor(text=[text], images=[image], return_tensors="pt")
+    assert tuple(enc["pixel_values"].shape) == (3, 3, TILE, TILE)
+    expanded = text.replace("<IMG_CONTEXT>", "<img>" + "<IMG_CONTEXT>" * 12 + "</img>")
+    assert enc["input_ids"][0].tolist() == itok.encode(expanded, add_special_tokens=False)
+    assert int(enc["input_ids"].max()) < config.text_config.vocab_size
+    banned = banned_token_ids(processor, config)  # what verl's CPU rollout never samples
+    assert {itok.convert_tokens_to_ids(t) for t in ("<img>", "</img>", "<IMG_CONTEXT>")} <= set(banned)
+    assert max(banned) < len(itok)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    with torch.no_grad():
+        logits = model(**enc).logits
+    assert logits.shape == (1, enc["input_ids"].shape[1], len(itok)) and torch.isfinite(logits).all()
+    torch.manual_seed(0)
+    out = model.generate(**enc, max_new_tokens=8, do_sample=True, **generation_kwargs(processor))
+    new = out[0, enc["input_ids"].shape[1] :].tolist()
+    assert new and max(new) < len(itok) and not set(new) & set(banned)
+    # vision spans on the InternVL tokenizer's ids, as on the small tokenizer's
+    response = _responses()[0]
+    span = vision_token_span(itok.encode(response, add_special_tokens=False), itok)
+    assert span is not None and span == vision_token_span(tok.encode(response, add_special_tokens=False), tok)
+
+
+def test_family_and_tokenizer_checks():
     from vlcal_verl.demo.config import DemoConfig
-    from vlcal_verl.testing.tiny_models import build_tiny_vlm
+    from vlcal_verl.testing.tiny_models import build_tiny_vlm, check_family_tokenizer
 
     assert DemoConfig().tokenizer == "qwen"
-    with pytest.raises(ValueError, match="internvl"):
-        build_tiny_vlm("internvl", cache_dir=tmp_path, tokenizer="small")
+    for family in ("qwen3-vl", "qwen2.5-vl", "internvl"):
+        for tokenizer in ("qwen", "small"):
+            check_family_tokenizer(family, tokenizer)
+            DemoConfig.from_dict({"tokenizer": tokenizer, "model_family": family})
+    with pytest.raises(ValueError, match="tokenizer must be one of"):
+        build_tiny_vlm("internvl", tokenizer="gpt2")
+    with pytest.raises(ValueError, match="family must be one of"):
+        build_tiny_vlm("llava", tokenizer="small")
     with pytest.raises(ValueError, match=r"demo.tokenizer: tokenizer must be one of"):
-        DemoConfig.from_dict({"tokenizer": "gpt2"})
-    with pytest.raises(ValueError, match=r"demo.tokenizer: .*internvl"):
-        DemoConfig.from_dict({"tokenizer": "small", "model_family": "internvl"})
+        DemoConfig.from_dict({"tokenizer": "gpt2", "model_family": "internvl"})
 
 
 def _responses() -> list[str]:

@@ -1,10 +1,11 @@
 """InternVL through verl 0.9.1's own loop on the CPU backend (the paper's cross-architecture run).
 
-A warm-started tiny InternVL (transformers' InternVL classes, 28-px tiles of 4 tokens, crops + thumbnail)
-on real easy-vqa images, through the same ``python -m vlcal_verl.main`` as the Qwen-VL loop test. verl
-0.9.1 alone builds no processor for it; this package's model config (``actor_rollout_ref.model._target_``)
-supplies ``InternVLProcessor``. Half the prompts have no image, and micro-batches hold one sequence, so
-FSDP ranks run image and image-less micro-batches side by side (the dummy vision forward's case).
+A warm-started tiny InternVL (transformers' InternVL classes, 28-px tiles of 4 tokens, crops + thumbnail;
+the small BPE tokenizer with InternVL's image tokens appended, for CI time) on real easy-vqa images,
+through the same ``python -m vlcal_verl.main`` as the Qwen-VL loop test. verl 0.9.1 alone builds no
+processor for it; this package's model config (``actor_rollout_ref.model._target_``) supplies
+``InternVLProcessor``. Half the prompts have no image, and micro-batches hold one sequence, so FSDP ranks
+run image and image-less micro-batches side by side (the dummy vision forward's case).
 """
 
 from __future__ import annotations
@@ -20,13 +21,20 @@ INTERNVL = ["demo.model_family=internvl", "data.mm_processor_kwargs=null"]  # ti
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """32 train prompts and a warm start of the tiny InternVL (it learns the response protocol, so
-    responses have vision spans)."""
+    """32 train prompts and a warm start of the tiny InternVL on the small tokenizer (it learns the response
+    protocol, so responses have vision spans)."""
     from vlcal_verl.demo.config import DemoConfig
     from vlcal_verl.demo.pipeline import prepare_assets
 
     root = tmp_path_factory.mktemp("cpu_loop_internvl")
-    cfg = DemoConfig(dir=str(root), model_family="internvl", train_size=32, eval_size=4, warm_start_steps=90)
+    cfg = DemoConfig(
+        dir=str(root),
+        model_family="internvl",
+        tokenizer="small",
+        train_size=32,
+        eval_size=4,
+        warm_start_steps=90,
+    )
     prepare_assets(cfg, root, {})
     return root
 
@@ -54,7 +62,9 @@ def mixed_data(assets):
 
 
 def test_two_grpo_steps_with_images_reaching_rollout_and_actor(assets, mixed_data):
-    one_sequence = 420  # tokens per micro-batch: prompt (≤ 310) + response (≤ 96) fits once, never twice
+    # tokens per micro-batch: prompt + response fits once, never twice (small tokenizer: these prompts are
+    # 255..283 tokens, 22 of them an image's; a response at most data.max_response_length = 96)
+    one_sequence, max_response = 384, 96
     overrides = [
         *INTERNVL,
         f"data.train_files={mixed_data}",
@@ -74,6 +84,7 @@ def test_two_grpo_steps_with_images_reaching_rollout_and_actor(assets, mixed_dat
     for s in steps:
         m = s["data"]
         assert m["prompt_length/min"] < m["prompt_length/max"]  # prompts with and without an image
+        assert m["prompt_length/max"] + max_response <= one_sequence < 2 * m["prompt_length/min"]
         # the HF rollout saw the same tiles as the actor: its log-probs are verl's recomputation
         # (measured 4e-4; 0.98 when the rollout got no image and the actor did)
         assert m["training/rollout_probs_diff_max"] < 2e-3

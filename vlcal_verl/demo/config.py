@@ -25,8 +25,8 @@ class DemoConfig:
     tokenizer: str = "qwen"
     """'qwen' (the real Qwen tokenizer, 151,936 embeddings) or 'small' (a ~660-token byte-level BPE trained
     on the run's own text, ``vlcal_verl.testing.small_tokenizer``: the same special tokens and chat template,
-    logits ~230× smaller, the fast setting for long CPU runs; Qwen-VL families only). Recipes without the
-    key set it with ``+demo.tokenizer=small``."""
+    logits ~230× smaller, the fast setting for long CPU runs; internvl appends its image tokens to either).
+    Recipes without the key set it with ``+demo.tokenizer=small``."""
     seed: int = 0
     """Seeds the model init, the data sample and the warm start's batches."""
     train_size: int = 512

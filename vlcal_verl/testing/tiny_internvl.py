@@ -1,10 +1,13 @@
-"""Tiny random InternVL (transformers' own InternVL classes, Qwen2 language model) with the Qwen tokenizer.
+"""Tiny random InternVL (transformers' own InternVL classes, Qwen2 language model) with the Qwen tokenizer
+or the small BPE.
 
 InternVL3.5 is one of the paper's models. transformers' ``InternVLProcessor`` expects a tokenizer that
 names its image tokens (``<img>``, ``</img>``, ``<IMG_CONTEXT>``, ``<video>``); the real InternVL
 tokenizer appends them after Qwen's added tokens, so here they are added to a copy of
 :func:`~vlcal_verl.testing.tokenizer.qwen_tokenizer` at the next free ids (151669…151672, inside the
-151,936-row embedding). Images are 448-px tiles (patch 14, pixel-shuffle 0.5 → 256 tokens per tile in
+151,936-row embedding) — or, with ``base="small"``, to a copy of
+:func:`~vlcal_verl.testing.small_tokenizer.small_tokenizer` right after its Qwen added tokens (the model's
+vocabulary is then ``len(tokenizer)``). Images are 448-px tiles (patch 14, pixel-shuffle 0.5 → 256 tokens per tile in
 the real model); the tiny model uses 28-px tiles of 4 tokens so a 64×64 image stays cheap.
 
 InternVL's pixel_values are whole tiles [n_tiles, 3, H, W] (crops, then a thumbnail when an image has
@@ -41,13 +44,18 @@ CHAT_TEMPLATE = (
 )
 
 
-def internvl_tokenizer():
-    """A copy of the Qwen tokenizer with InternVL's named image tokens."""
+def internvl_tokenizer(base: str = "qwen"):
+    """A copy of the Qwen tokenizer (``base="qwen"``) or of the small BPE (``base="small"``) with
+    InternVL's named image tokens appended and InternVL's chat template."""
     from tokenizers import AddedToken
 
-    from vlcal_verl.testing.tokenizer import qwen_tokenizer
-
-    tok = copy.deepcopy(qwen_tokenizer())
+    if base == "qwen":
+        from vlcal_verl.testing.tokenizer import qwen_tokenizer as make
+    elif base == "small":
+        from vlcal_verl.testing.small_tokenizer import small_tokenizer as make
+    else:
+        raise ValueError(f"base must be 'qwen' or 'small', got {base!r}")
+    tok = copy.deepcopy(make())
     tok.add_tokens(
         [AddedToken(t, special=True, normalized=False) for t in INTERNVL_TOKENS.values()], special_tokens=True
     )
@@ -57,8 +65,10 @@ def internvl_tokenizer():
     return tok
 
 
-def internvl_config_and_processor(text: dict[str, Any]):
-    """(InternVLConfig, InternVLProcessor) for the tiny model; ``text`` is the shared tiny text config."""
+def internvl_config_and_processor(text: dict[str, Any], tok: Any = None):
+    """(InternVLConfig, InternVLProcessor) for the tiny model; ``text`` is the shared tiny text config
+    (its vocabulary and bos/eos/pad ids must be ``tok``'s), ``tok`` an :func:`internvl_tokenizer` (default:
+    the Qwen-based one)."""
     from transformers import (
         GotOcr2ImageProcessor,
         InternVLConfig,
@@ -66,7 +76,9 @@ def internvl_config_and_processor(text: dict[str, Any]):
         InternVLVideoProcessor,
     )
 
-    tok = internvl_tokenizer()
+    tok = tok if tok is not None else internvl_tokenizer()
+    if max(tok.context_image_token_id, tok.video_token_id) >= text["vocab_size"]:
+        raise ValueError(f"InternVL's image tokens lie outside the model's {text['vocab_size']} embeddings")
     image_seq = (TILE // PATCH) ** 2 // 4
     vision = dict(
         hidden_size=32,

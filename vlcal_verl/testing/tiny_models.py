@@ -6,9 +6,10 @@ these models use the real classes with hand-written tiny configs and the real Qw
 (:func:`vlcal_verl.testing.tokenizer.qwen_tokenizer`). They are saved once to a cache folder and
 reloaded with ``AutoProcessor`` / ``AutoModelForImageTextToText`` like any checkpoint.
 
-``tokenizer="small"`` (Qwen-VL families only) swaps in :func:`vlcal_verl.testing.small_tokenizer.small_tokenizer`,
-a ~660-token byte-level BPE trained on the demo's text: the model's vocabulary and its special-token ids
-follow that tokenizer, so the logits shrink ~230× (what a CPU GRPO step mostly computes).
+``tokenizer="small"`` swaps in :func:`vlcal_verl.testing.small_tokenizer.small_tokenizer`, a ~660-token
+byte-level BPE trained on the demo's text (for ``internvl`` with InternVL's image tokens appended): the
+model's vocabulary and its special-token ids follow that tokenizer, so the logits shrink ~230× (what a CPU
+GRPO step mostly computes).
 
 Families: ``qwen3-vl`` (default; patch 16, merge 2 → 32 px cells), ``qwen2.5-vl`` (patch 14, merge 2 →
 28 px cells) and ``internvl`` (transformers' InternVL classes with a Qwen2 language model).
@@ -183,14 +184,11 @@ def _qwen_processor(family: str, tok: Any):
 
 
 def check_family_tokenizer(family: str, tokenizer: str) -> None:
-    """ValueError naming the problem for an unknown family or tokenizer, or InternVL with ``small``
-    (its processor adds InternVL's image tokens to the Qwen tokenizer)."""
+    """ValueError naming the problem for an unknown family or tokenizer (every family takes both)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
-    if tokenizer == "small" and family == "internvl":
-        raise ValueError("tokenizer 'small' is for the Qwen-VL families; internvl uses the Qwen tokenizer")
 
 
 def _qwen_family_config(family: str, tokenizer: str):
@@ -206,6 +204,19 @@ def _qwen_family_config(family: str, tokenizer: str):
         tok, ids, vocab = qwen_tokenizer(), QWEN_IDS, TEXT_VOCAB
     make = _qwen3_vl_config if family == "qwen3-vl" else _qwen2_5_vl_config
     return make(_text_config(vocab, ids), ids), _qwen_processor(family, tok)
+
+
+def _internvl_config(tokenizer: str):
+    """(InternVLConfig, InternVLProcessor) with the Qwen tokenizer (Qwen's padded vocabulary and ids) or the
+    small BPE (vocabulary ``len(tok)``, bos/eos/pad read from it), InternVL's image tokens added to either."""
+    from vlcal_verl.testing.tiny_internvl import internvl_config_and_processor, internvl_tokenizer
+
+    if tokenizer != "small":
+        return internvl_config_and_processor(_text_config())
+    from vlcal_verl.testing.small_tokenizer import special_token_ids
+
+    tok = internvl_tokenizer("small")
+    return internvl_config_and_processor(_text_config(len(tok), special_token_ids(tok)), tok)
 
 
 def build_tiny_vlm(
@@ -232,9 +243,7 @@ def build_tiny_vlm(
     from transformers import AutoModelForImageTextToText
 
     if family == "internvl":
-        from vlcal_verl.testing.tiny_internvl import internvl_config_and_processor
-
-        config, processor = internvl_config_and_processor(_text_config())
+        config, processor = _internvl_config(tokenizer)
     else:
         config, processor = _qwen_family_config(family, tokenizer)
     torch.manual_seed(seed)
