@@ -20,7 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "train": (
         "vlcal_verl.commands.train",
-        "the embedded demo: warm start, verl GRPO on the CPU backend, evaluation",
+        "train on the CPU backend: the embedded demo (warm start, verl GRPO, evaluation), or with "
+        "--config recipes/tiny_science.yaml the science run (both arms per seed, held-out report)",
     ),
     "eval": ("vlcal_verl.commands.eval", "generate or score a benchmark and write a calibration report"),
     "judge": (

@@ -76,3 +76,12 @@ def test_a_second_fresh_run_into_the_same_folder_is_refused(capsys, tmp_path):
     (tmp_path / "run.json").write_text("{}")
     assert main(["train", "--config", str(SCIENCE), "--out", str(tmp_path)]) == 2
     assert "already holds a science run" in capsys.readouterr().err
+
+
+def test_train_help_names_the_demo_and_the_science_recipe(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "embedded demo" in text and "recipes/tiny_science.yaml" in text
+    assert "default recipes/tiny_cpu.yaml" in text and "--seeds" in text

@@ -22,7 +22,12 @@ DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny_cpu.yam
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=DEFAULT_RECIPE, help="recipe YAML with a demo: block")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_RECIPE,
+        help="recipe YAML with a demo: block (default recipes/tiny_cpu.yaml; a science: block makes it the science run)",
+    )
     parser.add_argument(
         "--out",
         type=Path,
