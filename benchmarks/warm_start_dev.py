@@ -43,19 +43,10 @@ QTYPES = ("question: colour", "question: shape", "question: yes/no (colour)", "q
 
 def fit_dev_split(items: list[Any], fit: int, dev: int = DEV) -> tuple[list[Any], list[Any]]:
     """(fit, dev): fit = ``items[:fit]`` (the recipe's training items); dev = the first ``dev`` items after
-    them whose image no fit item shows. ValueError if any item is not a training-split item (a held-out
-    item must never reach this benchmark) or too few new-image items follow fit."""
-    wrong = [it.uid for it in items if not str(it.uid).startswith("easy-vqa/train/")]
-    if wrong:
-        raise ValueError(f"not training-split items: {wrong[:3]}")
-    fit_items = list(items[:fit])
-    seen = {it.image.tobytes() for it in fit_items}
-    dev_items = [it for it in items[fit:] if it.image.tobytes() not in seen][:dev]
-    if len(dev_items) < dev:
-        raise ValueError(
-            f"only {len(dev_items)} of the {len(items) - fit} items after fit show a new image; {dev} needed"
-        )
-    return fit_items, dev_items
+    them whose image no fit item shows (``split_unseen_images``, as ``science.evaluate_on: dev`` picks)."""
+    from vlcal_verl.demo.data import split_unseen_images
+
+    return split_unseen_images(items, fit, dev)
 
 
 def fit_dev_items(train_size: int, seed: int, image_size: int) -> tuple[list[Any], list[Any]]:

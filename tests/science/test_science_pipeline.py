@@ -16,9 +16,10 @@ RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny_science.yaml"
 @pytest.fixture
 def fake(monkeypatch):
     """Record the phases; the GRPO stand-in leaves what verl leaves (checkpoint marker + HF folder)."""
-    log: dict[str, list] = {"assets": [], "grpo": [], "eval": [], "report": []}
+    log: dict[str, list] = {"assets": [], "grpo": [], "eval": [], "report": [], "benches": []}
 
     def prepare_assets(dc, out, timings):
+        log["eval_size"] = dc.eval_size
         from vlcal_verl.data.easy_vqa import load_easy_vqa, to_verl_rows
         from vlcal_verl.data.schema import write_parquet
 
@@ -41,7 +42,8 @@ def fake(monkeypatch):
 
     def run_vlcal_eval(model, data_dir, benches, out, *, max_new_tokens, cfg, protocol):
         log["eval"].append((Path(model), out.name, protocol))
-        assert benches == ["easy-vqa-heldout", "easy-vqa-heldout-unanswerable"] and max_new_tokens == 96
+        log["benches"].append(benches)
+        assert max_new_tokens == 96
         out.mkdir(parents=True)
         (out / "metrics.json").write_text("{}")
         (out / "generations.jsonl").write_text("")
@@ -59,7 +61,10 @@ def test_one_warm_start_two_arms_per_seed_then_resume_skips_done_work(fake, tmp_
         RECIPE, out, ["trainer.total_training_steps=2", "science.baseline=decoupled"], seeds=2
     )
     assert fake["assets"] == [out]  # one warm start
+    assert fake["eval_size"] == 300  # the recipe's held-out items are loaded
     assert len(fake["grpo"]) == 4 and fake["report"] == [[0, 1]]
+    assert all(b == ["easy-vqa-heldout", "easy-vqa-heldout-unanswerable"] for b in fake["benches"])
+    assert not any(a.startswith("data.val_files=") for c in fake["grpo"] for a in c)
     for cmd in fake["grpo"]:
         assert cmd[1:5] == ["-m", "vlcal_verl.main", "--recipe", str(RECIPE)]
         assert f"demo.dir={out}" in cmd  # the same data and warm_start/ for every run
@@ -150,3 +155,25 @@ def test_rlcr_rows_give_verl_the_prompt_the_warm_start_taught(tmp_path):
         theirs = processor(text=[text], images=[it.image], return_tensors="pt")["input_ids"][0].tolist()
         ours = encode_prompts(processor, [user_message(it.question, "rlcr")], [it.image])
         assert ours["input_ids"][0][ours["attention_mask"][0].bool()].tolist() == theirs
+
+
+def test_dev_evaluation_reads_no_test_item_and_evaluates_every_model_on_the_dev_pair(fake, tmp_path):
+    """``science.evaluate_on=dev``: the assets are made without held-out items, the dev pair is written
+    from the training split, every model is evaluated on it and verl's val_files points at it."""
+    from vlcal_verl.data.schema import read_parquet
+
+    out = tmp_path / "run"
+    overrides = ["trainer.total_training_steps=2", "science.evaluate_on=dev", "demo.train_size=3"]
+    pipeline.run_science(RECIPE, out, [*overrides, "demo.eval_size=4"])
+    assert fake["eval_size"] == 0  # prepare_assets loads no test-split item
+    assert not (out / "data" / "easy-vqa-heldout.parquet").exists()
+    dev = read_parquet(out / "data" / "easy-vqa-dev.parquet")
+    twins = read_parquet(out / "data" / "easy-vqa-dev-unanswerable.parquet")
+    train_uids = {r["extra_info"]["uid"] for r in read_parquet(out / "data" / "train.parquet")}
+    assert len(dev) == len(twins) == 4
+    assert all(r["extra_info"]["uid"].startswith("easy-vqa/train/") for r in dev)
+    assert not train_uids & {r["extra_info"]["uid"] for r in dev}
+    assert [r["extra_info"]["uid"] + "#unanswerable" for r in dev] == [r["extra_info"]["uid"] for r in twins]
+    assert len(fake["eval"]) == 4
+    assert all(b == ["easy-vqa-dev", "easy-vqa-dev-unanswerable"] for b in fake["benches"])
+    assert all(f"data.val_files={out / 'data' / 'easy-vqa-dev.parquet'}" in c for c in fake["grpo"])

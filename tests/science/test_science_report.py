@@ -116,6 +116,7 @@ def test_table_columns_cells_and_targets_met(tmp_path):
     assert s["columns"] == list(COLUMNS)
     md = (run / "report.md").read_text(encoding="utf-8")
     assert "UTC: `r.yaml` a=1" in md
+    assert md.splitlines()[2].startswith("Held-out easy-vqa items (the test split)")
     assert "| | ACC | ECE | AUROC(Φ) | Brier | parse rate | AUROC(c_v, visual) | no-image gap c_v |" in md
     full_row = next(line for line in md.splitlines() if line.startswith("| full method |"))
     # ECE with its interval, parse 0.95 of 100 with Wilson's [0.8883, 0.9785], no-image gap with its own
@@ -132,6 +133,14 @@ def test_table_columns_cells_and_targets_met(tmp_path):
         assert (run / f"curves_{name}.png").stat().st_size > 1000
     assert json.loads((run / "science.json").read_text())["rows"]["full"]["ECE"]["value"] == 0.20
     assert "<h1>VL-Calibration science run</h1>" in (run / "report.html").read_text(encoding="utf-8")
+
+
+def test_a_dev_run_says_on_its_first_line_that_its_items_are_not_held_out(tmp_path):
+    run = stub_run(tmp_path, GOOD_FULL, BASELINE)
+    s = write_report(run, ScienceConfig(baseline="decoupled", svis_last_steps=2, evaluate_on="dev"), [0])
+    assert s["evaluate_on"] == "dev"
+    first = (run / "report.md").read_text(encoding="utf-8").splitlines()[2]
+    assert first.startswith("**Dev items, not held-out ones**") and "test split was not read" in first
 
 
 @pytest.mark.parametrize(

@@ -166,6 +166,51 @@ def load_demo_data(train_size: int, eval_size: int, seed: int, image_size: int =
     return DemoData(*(resized(x, image_size) for x in (train, held, blank)))
 
 
+def split_unseen_images(items: list[Any], fit: int, n: int) -> tuple[list[Any], list[Any]]:
+    """(``items[:fit]``, the first ``n`` items after them whose image no item of ``items[:fit]`` shows).
+
+    easy-vqa asks several questions about each image, so an item after the training items may show a
+    training image; those are skipped, and what is left judges sight, not memory. ValueError if an item
+    is not a training-split one (a held-out item must never reach a dev set) or too few are left."""
+    wrong = [it.uid for it in items if not str(it.uid).startswith("easy-vqa/train/")]
+    if wrong:
+        raise ValueError(f"not training-split items: {wrong[:3]}")
+    fit_items = list(items[:fit])
+    seen = {it.image.tobytes() for it in fit_items}
+    unseen = [it for it in items[fit:] if it.image.tobytes() not in seen][:n]
+    if len(unseen) < n:
+        raise ValueError(
+            f"only {len(unseen)} of the {len(items) - fit} items after fit show a new image; {n} needed"
+        )
+    return fit_items, unseen
+
+
+def load_dev_data(train_size: int, n: int, seed: int, image_size: int = 0) -> DemoData:
+    """The training items (as :func:`load_demo_data` loads them) and a dev set from the *training* split:
+    the ``n`` items after them in the same seeded order whose image no training item shows, and their
+    blank-image twins (``eval`` / ``unanswerable``, as the held-out pair). easy-vqa's test split is not
+    read: a dev set is for choosing settings, the held-out items for reporting them."""
+    from PIL import Image
+
+    from vlcal_verl.data.easy_vqa import BLANK_COLOR, UNANSWERABLE_SOURCE, load_easy_vqa
+    from vlcal_verl.data.schema import unanswerable_uid
+
+    pool = load_easy_vqa(
+        "train", limit=train_size + 3 * n, seed=seed
+    )  # a prefix order: train = pool[:train_size]
+    train, dev = split_unseen_images(pool, train_size, n)
+    blank = [
+        dataclasses.replace(
+            it,
+            uid=unanswerable_uid(it.uid),
+            image=Image.new("RGB", it.image.size, BLANK_COLOR),
+            data_source=UNANSWERABLE_SOURCE,
+        )
+        for it in dev
+    ]
+    return DemoData(*(resized(x, image_size) for x in (train, dev, blank)))
+
+
 def user_message(question: str, protocol: str = "decoupled") -> list[dict[str, Any]]:
     """The chat messages of one prompt, exactly as verl builds them from the parquet row."""
     from vlcal_verl.data.schema import chat_messages
@@ -176,14 +221,18 @@ def user_message(question: str, protocol: str = "decoupled") -> list[dict[str, A
 HELDOUT = "easy-vqa-heldout"
 """Benchmark name of the held-out parquet (``vlcal eval --bench``); its image-removed copy adds
 ``-unanswerable``."""
+DEV = "easy-vqa-dev"
+"""Benchmark name of a dev set from the training split (:func:`load_dev_data`), with its ``-unanswerable``
+twin: what a science run evaluates with ``science.evaluate_on: dev``."""
 
 
-def write_demo_parquets(data: DemoData, out_dir: Path) -> dict[str, Path]:
+def write_demo_parquets(data: DemoData, out_dir: Path, eval_name: str = HELDOUT) -> dict[str, Path]:
     """verl parquet files of the demo data (``data.schema`` rows, the images as resized):
 
     ``train.parquet`` (GRPO prompts), ``easy-vqa-heldout.parquet`` (verl's validation set and the
-    evaluation benchmark) and ``easy-vqa-heldout-unanswerable.parquet`` (the same with blank images).
-    Existing files are kept (``--resume`` reuses them).
+    evaluation benchmark) and ``easy-vqa-heldout-unanswerable.parquet`` (the same with blank images);
+    ``eval_name`` names the evaluation pair (:data:`DEV` for a dev set). Files of empty lists are not
+    written; existing files are kept (``--resume`` reuses them).
     """
     from vlcal_verl.data.easy_vqa import to_verl_rows
     from vlcal_verl.data.schema import write_parquet
@@ -191,8 +240,8 @@ def write_demo_parquets(data: DemoData, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "train": (out_dir / "train.parquet", data.train),
-        "heldout": (out_dir / f"{HELDOUT}.parquet", data.eval),
-        "unanswerable": (out_dir / f"{HELDOUT}-unanswerable.parquet", data.unanswerable),
+        "heldout": (out_dir / f"{eval_name}.parquet", data.eval),
+        "unanswerable": (out_dir / f"{eval_name}-unanswerable.parquet", data.unanswerable),
     }
     for path, items in files.values():
         if items and not path.exists():

@@ -20,6 +20,9 @@ prompted in its layout; it needs a warm start that also writes that layout
 columns. ``decoupled``: RLCR's reward with c_v and c_r still stated (no VCE, TAR or visual term), the
 closer ablation: the same protocol, only the method's extra signals removed."""
 
+EVALUATE_ON = ("heldout", "dev")
+"""What a science run evaluates on (:attr:`ScienceConfig.evaluate_on`)."""
+
 
 @dataclass
 class ScienceConfig:
@@ -32,6 +35,11 @@ class ScienceConfig:
     """The baseline arm's ablation (see :data:`BASELINES`); the full method is the recipe's default."""
     svis_last_steps: int = 5
     """S̃_vis agreement pools the training rollouts of the last N GRPO steps of each full-method run."""
+    evaluate_on: str = "heldout"
+    """``heldout``: the report's items are easy-vqa's test split (``demo.eval_size`` items + their
+    image-removed twins) — for reporting. ``dev``: as many *training-split* items after the training
+    items whose image no training item shows (+ twins), and the test split is never read — for choosing
+    RL settings on the training split (``vlcal_verl.demo.data.load_dev_data``)."""
     target_ece_ratio: float = 0.7
     """Target: the full method's ECE ≤ this × the warm start's (and its ci95 upper bound below it)."""
     target_visual_auroc: float = 0.65
@@ -48,6 +56,10 @@ class ScienceConfig:
                 raise ValueError(f"science.{name} must be >= 1, got {getattr(self, name)}")
         if self.baseline not in BASELINES:
             raise ValueError(f"science.baseline must be one of {list(BASELINES)}, got {self.baseline!r}")
+        if self.evaluate_on not in EVALUATE_ON:
+            raise ValueError(
+                f"science.evaluate_on must be one of {list(EVALUATE_ON)}, got {self.evaluate_on!r}"
+            )
         if not 0.0 < self.target_ece_ratio <= 1.0:
             raise ValueError(f"science.target_ece_ratio must be in (0, 1], got {self.target_ece_ratio}")
         for name in ("target_visual_auroc", "target_svis_auroc"):

@@ -4,7 +4,8 @@ The phases and where they write (everything under ``--out``):
 
     data/, warm_start/           the demo's data and warm start (:mod:`vlcal_verl.demo`), made once;
                                  data/train-rlcr.parquet: the same rows prompted in the RLCR layout
-    eval/warm_start/             ``vlcal eval`` of the warm start on the held-out items (+ image removed)
+    eval/warm_start/             ``vlcal eval`` of the warm start on the held-out items (+ image removed;
+                                 ``science.evaluate_on: dev``: on a dev set of the training split)
     eval/warm_start-rlcr/        the same in RLCR's layout (``--protocol rlcr``; the RLCR baseline's start)
     rl/<arm>-seed<S>/            one verl run: verl/ (checkpoints), metrics/ (verl's file logger), logs/,
                                  rollouts/ (verl's generation dump + S̃_vis rows, :mod:`.rollouts`)
@@ -23,6 +24,7 @@ same order, each prompt asking for RLCR's layout) and is evaluated with ``vlcal 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -32,6 +34,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vlcal_verl.demo.data import DEV, HELDOUT
 from vlcal_verl.demo.evaluate import run_vlcal_eval
 from vlcal_verl.demo.pipeline import (
     demo_config_of,
@@ -151,18 +154,37 @@ def rl_run(recipe: Path, overrides: list[str], run_dir: Path, total_steps: int) 
 
 
 def evaluate_once(
-    dc, config: DictConfig, model: Path, out: Path, *, data_dir: Path, protocol: str = "decoupled"
+    dc,
+    config: DictConfig,
+    model: Path,
+    out: Path,
+    *,
+    data_dir: Path,
+    protocol: str = "decoupled",
+    bench: str = "easy-vqa-heldout",
 ) -> None:
-    """``vlcal eval --protocol PROTOCOL`` of one model on the held-out items and their image-removed twins
-    into ``out``, unless a complete report is already there."""
-    from vlcal_verl.demo.data import HELDOUT
-
+    """``vlcal eval --protocol PROTOCOL`` of one model on ``bench`` (the held-out items, or a dev set) and
+    their image-removed twins into ``out``, unless a complete report is already there."""
     if (out / "metrics.json").exists() and (out / "generations.jsonl").exists():
         print(f"[science] reusing the evaluation in {out}", flush=True)
         return
     max_new = int(config.data.max_response_length)  # the training response length: no cut-off tags
-    benches = [HELDOUT, f"{HELDOUT}-unanswerable"]
+    benches = [bench, f"{bench}-unanswerable"]
     run_vlcal_eval(model, data_dir, benches, out, max_new_tokens=max_new, cfg=dc, protocol=protocol)
+
+
+def prepare_data(dc, sc: ScienceConfig, out: Path) -> tuple[Path, Path]:
+    """Data and the one warm start (``prepare_assets``); with ``science.evaluate_on: dev`` the test split is
+    not read (no held-out files) and the dev pair is written instead (:func:`~vlcal_verl.demo.data.
+    load_dev_data`: ``demo.eval_size`` training-split items after the training items, images unseen)."""
+    from vlcal_verl.demo.data import load_dev_data, write_demo_parquets
+
+    if sc.evaluate_on != "dev":
+        return prepare_assets(dc, out, {})
+    warm, data_dir = prepare_assets(dataclasses.replace(dc, eval_size=0), out, {})
+    dev = load_dev_data(dc.train_size, dc.eval_size, dc.seed, dc.image_size)
+    write_demo_parquets(dataclasses.replace(dev, train=[]), data_dir, eval_name=DEV)
+    return warm, data_dir
 
 
 def check_baseline(dc, sc: ScienceConfig) -> None:
@@ -195,11 +217,14 @@ def run_science(
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     timings: dict[str, float] = {}
-    warm, data_dir = _phase("data and warm start", timings, prepare_assets, dc, out, {})
+    warm, data_dir = _phase("data and warm start", timings, prepare_data, dc, sc, out)
     if sc.baseline == "rlcr":
         write_protocol_copy(data_dir / "train.parquet", data_dir / RLCR_TRAIN, "rlcr")
     seeds_run = run_seeds(dc.seed, sc)
-    evaluate_phase = functools.partial(evaluate_once, dc, config, data_dir=data_dir)
+    bench = DEV if sc.evaluate_on == "dev" else HELDOUT
+    evaluate_phase = functools.partial(evaluate_once, dc, config, data_dir=data_dir, bench=bench)
+    # verl builds its validation set at start-up (never run: test_freq -1) from data.val_files
+    val = [f"data.val_files={data_dir / f'{DEV}.parquet'}"] if sc.evaluate_on == "dev" else []
     _phase("eval warm start", timings, evaluate_phase, warm, out / "eval" / "warm_start")
     if sc.baseline == "rlcr":
         rlcr_eval = functools.partial(evaluate_phase, protocol="rlcr")
@@ -208,7 +233,7 @@ def run_science(
         for arm in arms(sc, data_dir):
             name = f"{arm}-seed{seed}"
             run_dir = out / "rl" / name
-            run_overrides = [*overrides, *arm_overrides(arm, seed, run_dir, sc, data_dir)]
+            run_overrides = [*overrides, *val, *arm_overrides(arm, seed, run_dir, sc, data_dir)]
             trained = _phase(f"RL {name}", timings, rl_run, recipe, run_overrides, run_dir, total)
             arm_eval = functools.partial(evaluate_phase, protocol=arm_protocol(arm, sc))
             _phase(f"eval {name}", timings, arm_eval, trained, out / "eval" / name)

@@ -262,6 +262,7 @@ def build(out: Path, sc: ScienceConfig, seeds: list[int]) -> dict[str, Any]:
     return {
         "seeds": seeds,
         "baseline": sc.baseline,
+        "evaluate_on": sc.evaluate_on,
         "columns": list(COLUMNS),
         "rows": rows,
         "per_seed": per_seed,
@@ -271,11 +272,21 @@ def build(out: Path, sc: ScienceConfig, seeds: list[int]) -> dict[str, Any]:
     }
 
 
+EVALUATED_ON = {
+    "heldout": "Held-out easy-vqa items (the test split) and their image-removed twins",
+    "dev": (
+        "**Dev items, not held-out ones**: training-split items whose image no training item shows, and "
+        "their image-removed twins (the test split was not read; for choosing settings)"
+    ),
+}
+
+
 def markdown(s: dict[str, Any], pngs: list[Path]) -> str:
     """report.md: the table, the targets, the S̃_vis agreement, the warm start per attribute, curves."""
     seeds = s["seeds"]
     how = "value [95% interval]" if len(seeds) == 1 else f"mean ± std over seeds {seeds}"
-    lines = ["# VL-Calibration science run", "", f"Held-out easy-vqa items; {how}.", ""]
+    items = EVALUATED_ON.get(s.get("evaluate_on", "heldout"), EVALUATED_ON["heldout"])
+    lines = ["# VL-Calibration science run", "", f"{items}; {how}.", ""]
     run = s.get("run") or {}
     if run:
         lines += [
