@@ -85,3 +85,25 @@ def test_train_help_names_the_demo_and_the_science_recipe(capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "embedded demo" in text and "recipes/tiny_science.yaml" in text
     assert "default recipes/tiny_cpu.yaml" in text and "--seeds" in text
+
+
+def test_readme_dev_line_dispatches_as_written_and_composes(calls, monkeypatch):
+    """The README's ``science.evaluate_on=dev`` command: parsed by ``vlcal``, sent to the science pipeline
+    with its override, and the override composes into a dev run."""
+    import shlex
+
+    from vlcal_verl.main_args import compose_recipe
+    from vlcal_verl.science.pipeline import science_config_of
+
+    lines = [ln for ln in (ROOT / "README.md").read_text().splitlines() if "science.evaluate_on=dev" in ln]
+    assert len(lines) == 1 and lines[0].startswith("vlcal train "), lines
+    monkeypatch.chdir(ROOT)
+    assert main(shlex.split(lines[0])[1:]) == 0
+    ((name, recipe, out, overrides, _),) = calls
+    assert (name, (ROOT / recipe).resolve(), out, overrides) == (
+        "science",
+        SCIENCE,
+        Path("runs/science-dev"),
+        ["science.evaluate_on=dev"],
+    )
+    assert science_config_of(compose_recipe(recipe, overrides)).evaluate_on == "dev"
