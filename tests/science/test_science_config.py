@@ -77,6 +77,11 @@ def test_runs_are_not_mixed(tmp_path):
     check_run_dir(tmp_path / "new", manifest, resume=False)  # fresh folder: fine
     with pytest.raises(ValueError, match="nothing to resume"):
         check_run_dir(tmp_path / "new", manifest, resume=True)
+    (tmp_path / "warm_start").mkdir()
+    with pytest.raises(ValueError, match="warm_start is not a complete warm start"):
+        check_run_dir(tmp_path, manifest, resume=False)
+    (tmp_path / "warm_start" / "config.json").write_text("{}")
+    check_run_dir(tmp_path, manifest, resume=False)  # only a copied warm start: reused
     (tmp_path / "other.txt").write_text("x")
     with pytest.raises(ValueError, match="not empty and holds no science run"):
         check_run_dir(tmp_path, manifest, resume=False)

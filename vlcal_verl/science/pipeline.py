@@ -109,14 +109,18 @@ def arm_overrides(
 
 
 def check_run_dir(out: Path, manifest: dict[str, Any], resume: bool) -> None:
-    """Refuse to mix runs: a fresh run needs a folder without one; ``--resume`` needs the same recipe,
-    overrides and seeds as the run it continues."""
+    """Refuse to mix runs: a fresh run needs a folder without one (a folder holding only a complete
+    ``warm_start/``, copied from a run of the same ``demo:`` settings, is accepted: the warm start is
+    reused); ``--resume`` needs the same recipe, overrides and seeds as the run it continues."""
     path = out / MANIFEST
     if not path.exists():
         if resume:
             raise ValueError(f"--resume: nothing to resume, no {MANIFEST} in {out}; drop --resume")
-        if out.exists() and any(out.iterdir()):
+        found = {p.name for p in out.iterdir()} if out.exists() else set()
+        if found - {"warm_start"}:
             raise ValueError(f"{out} is not empty and holds no science run: give a new --out")
+        if found and not (out / "warm_start" / "config.json").exists():
+            raise ValueError(f"{out / 'warm_start'} is not a complete warm start (no config.json)")
         return
     if not resume:
         raise ValueError(f"{out} already holds a science run ({MANIFEST}): pass --resume or a new --out")
