@@ -35,7 +35,7 @@ def test_defaults_and_yaml_number_strings_are_cast():
         ({"seeds": True}, "science.seeds must be of type int"),
         ({"seeds": "three"}, "science.seeds must be of type int"),
         ({"svis_last_steps": 0}, "science.svis_last_steps must be >= 1"),
-        ({"baseline": "full"}, "science.baseline must be one of ['rlcr', 'decoupled'], got 'full'"),
+        ({"baseline": "full"}, "science.baseline must be one of ['rlcr', 'decoupled', 'none'], got 'full'"),
         ({"evaluate_on": "test"}, "science.evaluate_on must be one of ['heldout', 'dev'], got 'test'"),
         ({"target_ece_ratio": 0}, "science.target_ece_ratio must be in (0, 1]"),
         ({"target_visual_auroc": 1.2}, "science.target_visual_auroc must be in [0, 1]"),

@@ -177,3 +177,14 @@ def test_dev_evaluation_reads_no_test_item_and_evaluates_every_model_on_the_dev_
     assert len(fake["eval"]) == 4
     assert all(b == ["easy-vqa-dev", "easy-vqa-dev-unanswerable"] for b in fake["benches"])
     assert all(f"data.val_files={out / 'data' / 'easy-vqa-dev.parquet'}" in c for c in fake["grpo"])
+
+
+def test_baseline_none_trains_and_evaluates_the_full_method_only(fake, tmp_path):
+    out = tmp_path / "run"
+    pipeline.run_science(RECIPE, out, ["trainer.total_training_steps=2", "science.baseline=none"], seeds=2)
+    names = [next(a for a in c if a.startswith("trainer.experiment_name=")) for c in fake["grpo"]]
+    assert names == [
+        "trainer.experiment_name=science-full-seed0",
+        "trainer.experiment_name=science-full-seed1",
+    ]
+    assert [name for _, name, _ in fake["eval"]] == ["warm_start", "full-seed0", "full-seed1"]

@@ -197,6 +197,15 @@ def test_several_seeds_give_mean_and_sample_std(tmp_path):
     assert s["targets"][4]["met"] is True and "0.600 vs 0.550, 0.600 vs 0.550" in s["targets"][4]["detail"]
 
 
+def test_without_a_baseline_arm_the_table_has_no_baseline_row_and_its_target_is_not_met(tmp_path):
+    run = stub_run(tmp_path, GOOD_FULL, BASELINE)
+    s = write_report(run, ScienceConfig(baseline="none", svis_last_steps=2), [0])
+    assert set(s["rows"]) == {"warm_start", "full"} and set(s["per_seed"]) == {"full"}
+    assert [t["met"] for t in s["targets"]] == [True, True, True, True, False]
+    assert s["targets"][4]["detail"] == "no baseline arm (science.baseline: none)"
+    assert not any(ln.startswith("| baseline") for ln in (run / "report.md").read_text().splitlines())
+
+
 def test_above_the_baseline_needs_every_seed(tmp_path):
     """The mean may be above the baseline's while one seed is below it: not met (the fourth science run's
     case: 0.497 vs 0.496 on average, seed 0 below)."""

@@ -12,13 +12,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-BASELINES = ("rlcr", "decoupled")
+BASELINES = ("rlcr", "decoupled", "none")
 """Baseline ablations a science run can train from the one warm start. ``rlcr``: the RLCR baseline as the
 paper trains it (one ``<confidence>``, Brier + format, no VCE, TAR or visual term), on the same items
 prompted in its layout; it needs a warm start that also writes that layout
 (``demo.warm_start_rlcr_fraction`` > 0). Its one confidence stands in for c_v in the report's visual
 columns. ``decoupled``: RLCR's reward with c_v and c_r still stated (no VCE, TAR or visual term), the
-closer ablation: the same protocol, only the method's extra signals removed."""
+closer ablation: the same protocol, only the method's extra signals removed. ``none``: the full method
+alone (comparing its settings on dev, ``evaluate_on: dev``; the baseline target is then not met)."""
 
 EVALUATE_ON = ("heldout", "dev")
 """What a science run evaluates on (:attr:`ScienceConfig.evaluate_on`)."""

@@ -61,6 +61,8 @@ def science_config_of(config: DictConfig) -> ScienceConfig:
 def arms(sc: ScienceConfig, data_dir: Path | None = None) -> dict[str, list[str]]:
     """Arm name → its extra overrides: the full method is the recipe as is (the default variant); the RLCR
     baseline also trains on the RLCR-prompted copy of the training rows in ``data_dir``."""
+    if sc.baseline == "none":
+        return {FULL: []}
     baseline = [f"ablation={sc.baseline}"]
     if sc.baseline == "rlcr" and data_dir is not None:
         baseline.append(f"data.train_files={data_dir / RLCR_TRAIN}")
