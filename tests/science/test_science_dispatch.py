@@ -95,8 +95,9 @@ def test_readme_dev_line_dispatches_as_written_and_composes(calls, monkeypatch):
     from vlcal_verl.main_args import compose_recipe
     from vlcal_verl.science.pipeline import science_config_of
 
-    lines = [ln for ln in (ROOT / "README.md").read_text().splitlines() if "science.evaluate_on=dev" in ln]
-    assert len(lines) == 1 and lines[0].startswith("vlcal train "), lines
+    readme = (ROOT / "README.md").read_text().splitlines()
+    lines = [ln for ln in readme if ln.startswith("vlcal train ") and "science.evaluate_on=dev" in ln]
+    assert len(lines) == 1, lines
     monkeypatch.chdir(ROOT)
     assert main(shlex.split(lines[0])[1:]) == 0
     ((name, recipe, out, overrides, _),) = calls

@@ -188,3 +188,11 @@ def test_baseline_none_trains_and_evaluates_the_full_method_only(fake, tmp_path)
         "trainer.experiment_name=science-full-seed1",
     ]
     assert [name for _, name, _ in fake["eval"]] == ["warm_start", "full-seed0", "full-seed1"]
+
+
+def test_an_override_one_arm_cannot_take_is_refused_before_any_work(fake, tmp_path):
+    """``vlcal.reward.w_vis=2.0`` suits the full method, but the RLCR baseline has no c_v: its verl run would
+    refuse it after the full method had trained (what happened to a real run); now nothing starts."""
+    with pytest.raises(ValueError, match=r"the baseline arm \(ablation=rlcr\): .*no visual confidence"):
+        pipeline.run_science(RECIPE, tmp_path / "run", ["vlcal.reward.w_vis=2.0"])
+    assert fake["assets"] == [] and fake["grpo"] == []

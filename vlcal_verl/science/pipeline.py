@@ -193,6 +193,20 @@ def prepare_data(dc, sc: ScienceConfig, out: Path) -> tuple[Path, Path]:
     return warm, data_dir
 
 
+def check_arms(recipe: Path, overrides: list[str], sc: ScienceConfig) -> None:
+    """Each arm's ``vlcal:`` block as its verl run will see it, validated before any work: an override that
+    one arm cannot take (``vlcal.reward.w_vis=2`` with the RLCR baseline, which has no c_v) fails here, in
+    one line naming the arm, not after the other arm has trained."""
+    from vlcal_verl.main import vlcal_config
+    from vlcal_verl.main_args import compose_recipe
+
+    for arm, extra in arms(sc).items():
+        try:
+            vlcal_config(compose_recipe(recipe, [*overrides, *extra]))
+        except ValueError as err:
+            raise ValueError(f"the {arm} arm ({' '.join(extra) or 'the recipe as is'}): {err}") from None
+
+
 def check_baseline(dc, sc: ScienceConfig) -> None:
     """The RLCR baseline needs a warm start that writes RLCR's layout too (else it starts unparsed)."""
     if sc.baseline == "rlcr" and dc.warm_start_rlcr_fraction <= 0:
@@ -217,6 +231,7 @@ def run_science(
     if not dc.eval_size:
         raise ValueError("demo.eval_size must be > 0 in a science run (it evaluates held-out items)")
     check_baseline(dc, sc)
+    check_arms(recipe, overrides, sc)
     total = int(config.trainer.total_training_steps)
     manifest = {"recipe": str(recipe), "overrides": overrides}
     check_run_dir(out, manifest, resume)
