@@ -41,21 +41,14 @@ COLUMNS = (
 QTYPES = ("question: colour", "question: shape", "question: yes/no (colour)", "question: yes/no (shape)")
 
 
-def fit_dev_split(items: list[Any], fit: int, dev: int = DEV) -> tuple[list[Any], list[Any]]:
-    """(fit, dev): fit = ``items[:fit]`` (the recipe's training items); dev = the first ``dev`` items after
-    them whose image no fit item shows (``split_unseen_images``, as ``science.evaluate_on: dev`` picks)."""
-    from vlcal_verl.demo.data import split_unseen_images
-
-    return split_unseen_images(items, fit, dev)
-
-
 def fit_dev_items(train_size: int, seed: int, image_size: int) -> tuple[list[Any], list[Any]]:
-    """The recipe's training items as ``prepare_assets`` loads them (fit) and dev after them, no held-out item:
-    ``load_easy_vqa``'s seeded order is a prefix order, so loading more items keeps the first ``train_size``."""
-    from vlcal_verl.demo.data import load_demo_data
+    """The recipe's training items as ``prepare_assets`` loads them (fit) and the 200 training-split items
+    after them whose image no fit item shows (dev): ``load_dev_data``, the split ``science.evaluate_on: dev``
+    evaluates on; no held-out item is read."""
+    from vlcal_verl.demo.data import load_dev_data
 
-    pool = load_demo_data(train_size + 3 * DEV, 0, seed, image_size).train  # 0: no test-split items
-    return fit_dev_split(pool, train_size)
+    data = load_dev_data(train_size, DEV, seed, image_size)
+    return data.train, data.eval
 
 
 def parse_setting(text: str, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -223,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int)
     p.add_argument("--image-size", type=int)
     p.add_argument("--rlcr-fraction", type=float)
-    p.add_argument("--train-size", type=int, help="training items loaded (dev: items 824-1023 always)")
+    p.add_argument("--train-size", type=int, help="training items = fit (dev: the next new-image items)")
     p.add_argument("--vision-depth", type=int, default=0, help="0: the tiny builder's (2)")
     p.add_argument("--vision-width", type=int, default=0, help="0: the tiny builder's (32)")
     p.add_argument("--init-seed", type=int, help="the model's init and batch order (default: demo.seed)")

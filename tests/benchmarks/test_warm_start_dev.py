@@ -31,32 +31,6 @@ def test_fit_dev_items_never_load_the_test_split(monkeypatch, benchmark_script):
     assert calls == [("train", 1024 + 600, False)]
 
 
-def test_fit_is_the_recipes_training_items_and_dev_shows_only_new_images(benchmark_script):
-    bench = benchmark_script("warm_start_dev")
-    # image value i % 50 for the first 30 items (fit shows 0-29); after them values 20-39 repeating,
-    # of which 30-39 are new
-    values = [i % 50 for i in range(30)] + [20 + i % 20 for i in range(60)]
-    items = [
-        VQAItem(
-            f"easy-vqa/train/{i}", "What shape?", "circle", Image.new("RGB", (8, 8), (v, 0, 0)), "math", "x"
-        )
-        for i, v in enumerate(values)
-    ]
-    fit, dev = bench.fit_dev_split(items, 30, dev=25)
-    assert fit == items[:30]
-    expected = [it for it, v in zip(items[30:], values[30:], strict=True) if v >= 30][:25]
-    assert dev == expected and len(dev) == 25
-    assert {it.image.tobytes() for it in fit}.isdisjoint(it.image.tobytes() for it in dev)
-    with pytest.raises(ValueError, match="only 30 of the 60 items after fit"):
-        bench.fit_dev_split(items, 30, dev=31)
-
-
-def test_fit_dev_split_refuses_held_out_items(benchmark_script):
-    bench = benchmark_script("warm_start_dev")
-    with pytest.raises(ValueError, match="not training-split"):
-        bench.fit_dev_split(_items("train", 1000) + _items("test", 24), 824)
-
-
 def test_settings_parse_over_the_defaults_and_name_the_changes(benchmark_script):
     bench = benchmark_script("warm_start_dev")
     defaults = {"steps": 2000, "lr": 3e-3, "batch": 8, "image_size": 128, "rlcr_fraction": 0.5}

@@ -8,8 +8,8 @@ import functools
 import easy_vqa
 import pytest
 
-from vlcal_verl.data.easy_vqa import BLANK_COLOR, UNANSWERABLE_SOURCE
-from vlcal_verl.demo.data import DEV, load_demo_data, load_dev_data, write_demo_parquets
+from vlcal_verl.data.easy_vqa import BLANK_COLOR, UNANSWERABLE_SOURCE, VQAItem
+from vlcal_verl.demo.data import DEV, load_demo_data, load_dev_data, split_unseen_images, write_demo_parquets
 
 
 @functools.lru_cache(maxsize=1)
@@ -74,3 +74,24 @@ def test_dev_parquets_are_named_for_the_dev_pair(dev_data, tmp_path):
     rows = read_parquet(written["unanswerable"])
     assert [r["extra_info"]["unanswerable"] for r in rows] == [True] * 12
     assert not (tmp_path / "easy-vqa-heldout.parquet").exists()
+
+
+def _item(i: int, value: int, split: str = "train") -> VQAItem:
+    from PIL import Image
+
+    return VQAItem(
+        f"easy-vqa/{split}/{i}", "What shape?", "circle", Image.new("RGB", (8, 8), (value, 0, 0)), "math", "x"
+    )
+
+
+def test_split_keeps_fit_and_takes_the_first_items_with_a_new_image():
+    # image value i % 50 for the first 30 items (fit shows 0-29); after them 20-39 repeating, 30-39 new
+    values = [i % 50 for i in range(30)] + [20 + i % 20 for i in range(60)]
+    items = [_item(i, v) for i, v in enumerate(values)]
+    fit, dev = split_unseen_images(items, 30, 25)
+    assert fit == items[:30]
+    assert dev == [it for it, v in zip(items[30:], values[30:], strict=True) if v >= 30][:25]
+    with pytest.raises(ValueError, match="only 30 of the 60 items after fit show a new image; 31 needed"):
+        split_unseen_images(items, 30, 31)
+    with pytest.raises(ValueError, match="not training-split items"):
+        split_unseen_images([*items, _item(99, 7, "test")], 30, 5)

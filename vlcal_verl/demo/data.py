@@ -195,9 +195,8 @@ def load_dev_data(train_size: int, n: int, seed: int, image_size: int = 0) -> De
     from vlcal_verl.data.easy_vqa import BLANK_COLOR, UNANSWERABLE_SOURCE, load_easy_vqa
     from vlcal_verl.data.schema import unanswerable_uid
 
-    pool = load_easy_vqa(
-        "train", limit=train_size + 3 * n, seed=seed
-    )  # a prefix order: train = pool[:train_size]
+    # a prefix order: pool[:train_size] are load_demo_data's training items
+    pool = load_easy_vqa("train", limit=train_size + 3 * n, seed=seed)
     train, dev = split_unseen_images(pool, train_size, n)
     blank = [
         dataclasses.replace(

@@ -229,7 +229,7 @@ def run_science(
     config = compose_recipe(recipe, overrides)  # a bad key or value fails here, before any work
     dc, sc = demo_config_of(config), science_config_of(config)
     if not dc.eval_size:
-        raise ValueError("demo.eval_size must be > 0 in a science run (it evaluates held-out items)")
+        raise ValueError("demo.eval_size must be > 0 in a science run (it evaluates held-out or dev items)")
     check_baseline(dc, sc)
     check_arms(recipe, overrides, sc)
     total = int(config.trainer.total_training_steps)

@@ -212,8 +212,8 @@ def targets(
     name = "full method above the baseline on AUROC(c_v vs visual_correct), every seed, beyond its ci95"
     if BASELINE not in rows:
         return [*out, {"name": name, "met": False, "detail": "no baseline arm (science.baseline: none)"}]
-    f_v, b_v = full["AUROC(c_v, visual)"]["value"], rows[BASELINE]["AUROC(c_v, visual)"]["value"]
     col = "AUROC(c_v, visual)"
+    f_v, b_v = full[col]["value"], rows[BASELINE][col]["value"]
     # "above" beyond the full method's own sampling noise, in every seed: its ci95 lower bound (its value
     # where no interval was drawn) above the same seed's baseline value
     pairs = [
